@@ -30,7 +30,7 @@ class GaussianMixture:
         self.stds = stds.double()
 
     @classmethod
-    def random(cls, components: int = 8, shape=(4, 32, 32), std: float = 0.25, seed: int = 0) -> "GaussianMixture":
+    def random(cls, components: int = 8, shape=(4, 32, 32), std: float = 0.25, seed: int = 0) -> GaussianMixture:
         """Smooth random component means with unit pixel variance (image-like latents), each of spread ``std``."""
         generator = torch.Generator().manual_seed(seed)
         channels, height, width = shape

@@ -132,7 +132,7 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
         left, top = col * panel_w + margin, 30
         width, height = panel_w - margin - 16, panel_h - margin - 10
 
-        def to_px(n: float, p: float) -> tuple[float, float]:
+        def to_px(n: float, p: float, left=left, top=top, width=width, height=height) -> tuple[float, float]:
             return left + width * n / x_hi, top + height * (1 - (p - y_lo) / (y_hi - y_lo))
 
         draw.rectangle([left, top, left + width, top + height], outline=(0, 0, 0))

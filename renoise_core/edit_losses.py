@@ -134,8 +134,8 @@ def regularize_noise_prediction(eps: Tensor, eps_ref: Tensor | None, rolls: Tens
                 grad = _gradient(lambda e: patch_kl_loss(e, eps_ref, config.patch_size).sum(), eps)
                 eps = eps - config.lambda_kl * grad.clamp(-config.kl_grad_clip, config.kl_grad_clip)
             if config.lambda_ac > 0:
-                for roll in range(config.ac_rolls):
-                    grad = _gradient(lambda e: pair_loss(e, rolls[outer, roll]).sum(), eps)
+                for shifts in rolls[outer]:
+                    grad = _gradient(lambda e, shifts=shifts: pair_loss(e, shifts).sum(), eps)
                     eps = eps - (config.lambda_ac / config.ac_rolls) * grad
     return eps.detach()
 

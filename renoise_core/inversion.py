@@ -16,8 +16,8 @@ One inversion step, from the known lower point ``x_next`` up to ``x`` (paper, Al
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch

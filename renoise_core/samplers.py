@@ -14,10 +14,9 @@ never DDPM timesteps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-import torch
 from torch import Tensor
 
 
