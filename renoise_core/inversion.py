@@ -154,11 +154,15 @@ def _calls_for_step(step: AffineStep, config: ReNoiseConfig) -> int:
     return k + 1 + int(corrects)
 
 
-def item_seeds(seed: int | Sequence[int], batch: int) -> tuple[int, ...]:
-    """One seed per batch item: ``seed + i`` (mod 2**64), or the given list."""
-    if isinstance(seed, (int, np.integer)):
-        return tuple((int(seed) + i) % 2**64 for i in range(batch))
-    seeds = tuple(int(s) for s in seed)
+def item_seeds(seed: int, batch: int | Sequence[int]) -> tuple[int, ...]:
+    """One seed per batch item: ``seed + index`` (mod 2**64), where ``index`` is the item's position, or its entry
+    in ``batch`` when that is a list of batch indices (ComfyUI's ``batch_index``)."""
+    indices = range(batch) if isinstance(batch, (int, np.integer)) else batch
+    return tuple((int(seed) + int(index)) % 2**64 for index in indices)
+
+
+def _seeds_for(seed: int | Sequence[int], batch: int) -> tuple[int, ...]:
+    seeds = item_seeds(seed, batch) if isinstance(seed, (int, np.integer)) else tuple(int(s) for s in seed)
     if len(seeds) != batch:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
     return seeds
@@ -214,7 +218,7 @@ def invert(
     dtype = torch.promote_types(x0.dtype, torch.float32)
     device = x0.device
     batch = x0.shape[0]
-    seeds = item_seeds(seed, batch)
+    seeds = _seeds_for(seed, batch)
     drawn, reference_noise = draw_noises(x0.shape, len(steps), seeds)
     if noises is None:
         noises = drawn

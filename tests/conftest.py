@@ -1,3 +1,4 @@
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -8,12 +9,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from renoise_core.analytic import GaussianMixture  # noqa: E402
-from renoise_core.schedules import sd_discrete_sigmas, sigma_at_timestep, simple_schedule  # noqa: E402
 
-TRAINING_SIGMAS = sd_discrete_sigmas()
-#: the reference's "timestep < 250" rule, in sigmas
-EARLY_BELOW_SIGMA = sigma_at_timestep(TRAINING_SIGMAS, 250)
+def _load_pack_as_package(name: str = "renoise_pack"):
+    """Import the pack the way ComfyUI does: its folder as a package (relative imports inside it resolve)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_load_pack_as_package()
+
+from support import schedule  # noqa: E402
+
+from renoise_core.analytic import GaussianMixture  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +36,4 @@ def mixture() -> GaussianMixture:
 @pytest.fixture(scope="session")
 def turbo_sigmas() -> torch.Tensor:
     """ComfyUI ``simple`` with 4 steps on the SD table: timesteps 999, 749, 499, 249."""
-    return simple_schedule(TRAINING_SIGMAS, 4)
-
-
-def schedule(steps: int) -> torch.Tensor:
-    return simple_schedule(TRAINING_SIGMAS, steps)
+    return schedule(4)

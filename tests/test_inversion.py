@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from support import EARLY_BELOW_SIGMA, schedule
 
 from renoise_core import (
     EditLossConfig,
@@ -16,8 +17,6 @@ from renoise_core import (
 )
 from renoise_core.analytic import psnr
 from renoise_core.samplers import make_steps
-
-from .conftest import EARLY_BELOW_SIGMA, schedule
 
 CLASSES = [0, 3, 6]
 TURBO = ReNoiseConfig(

@@ -4,10 +4,9 @@ import math
 
 import pytest
 import torch
+from support import schedule
 
 from renoise_core.samplers import SAMPLERS, ancestral_sigmas, check_sigmas, ddpm_step, euler_ancestral_step, make_steps
-
-from .conftest import schedule
 
 # --- ComfyUI's arithmetic, transcribed from comfy/k_diffusion/sampling.py (float32 tensors, as ComfyUI runs) ---
 

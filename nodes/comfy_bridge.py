@@ -1,0 +1,110 @@
+"""The one module that imports ComfyUI. Everything ComfyUI-specific the nodes need goes through here.
+
+Kept thin on purpose: each function translates between ComfyUI objects (MODEL = ModelPatcher, CONDITIONING,
+LATENT dicts, SAMPLER) and the plain-torch calls of ``renoise_core``. Tests without ComfyUI replace this module
+with a fake of the same functions (``tests/fake_comfy.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import torch
+from torch import Tensor
+
+#: A function run as a ComfyUI sampler: ``(denoiser, x, sigmas_descending) -> latent``; ``denoiser(x, sigma)``
+#: is the CFG-combined ComfyUI model (predicted x0), ``x`` is the clean latent in the model's latent space.
+InversionFunction = Callable[[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor], Tensor]
+
+
+def scheduler_names() -> list[str]:
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def schedule(model, scheduler: str, steps: int, denoise: float) -> Tensor:
+    """The sigmas KSampler would use for ``steps`` and ``denoise`` (``[steps + 1]``, float32, CPU)."""
+    sampler = comfy.samplers.KSampler(model, steps=steps, device="cpu", scheduler=scheduler, denoise=denoise)
+    return sampler.sigmas.float().cpu()
+
+
+def sigma_at_timestep(model, timestep: float) -> float:
+    """The model's sigma for a DDPM timestep (for the reference's 'timestep < 250' rule)."""
+    model_sampling = model.get_model_object("model_sampling")
+    return float(model_sampling.sigma(torch.tensor([float(timestep)])).item())
+
+
+def model_sampling_kind(model) -> str:
+    """``"EPS"``, ``"V_PREDICTION"``, ``"EDM"``, ``"X0"`` or ``"CONST"`` (flow), with ``"+LCM"`` for an
+    LCM-patched model (ModelSamplingDiscrete ``lcm``)."""
+    model_sampling = model.get_model_object("model_sampling")
+    kind = "UNKNOWN"
+    for name in ("CONST", "EDM", "V_PREDICTION", "X0", "EPS"):  # subclasses before their bases
+        cls = getattr(comfy.model_sampling, name, None)
+        if cls is not None and isinstance(model_sampling, cls):
+            kind = name
+            break
+    if any(cls.__name__ == "LCM" for cls in type(model_sampling).__mro__):  # comfy_extras' LCM sampling mixin
+        kind += "+LCM"
+    return kind
+
+
+def run_inversion(model, positive, negative, cfg: float, latent: dict, sigmas: Tensor, function: InversionFunction, seed: int) -> Tensor:
+    """Run ``function`` as a sampler through ComfyUI's own CFGGuider, so the model is loaded and patched the
+    ComfyUI way and CFG, ControlNet, LoRA, hooks and model patches all apply. Returns the latent ``function``
+    produced, mapped back to LATENT space (``process_latent_out``), on the intermediate device.
+
+    The guider is given zero noise and the schedule reversed (ascending from its lowest sigma), so
+    ``noise_scaling`` hands the function the clean latent; the function sees the descending schedule.
+    """
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+
+    def sampler_function(model_k, x, sigmas_ascending, extra_args=None, callback=None, disable=None):
+        extra_args = {} if extra_args is None else extra_args
+
+        def denoiser(x_in: Tensor, sigma: Tensor) -> Tensor:
+            return model_k(x_in, sigma, **extra_args)
+
+        return function(denoiser, x, sigmas_ascending.flip(0))
+
+    sampler = comfy.samplers.KSAMPLER(sampler_function)
+    noise = torch.zeros_like(latent_image)
+    samples = guider.sample(noise, latent_image, sampler, sigmas.flip(0), disable_pbar=True, seed=seed)
+    return samples.to(comfy.model_management.intermediate_device())
+
+
+def replaying_sampler(sampler_name: str, options: dict, prepare_run: Callable[[Tensor, Tensor], Callable | None]):
+    """A stock ComfyUI SAMPLER (``sampler_object(sampler_name)``) whose k-diffusion function gets, per run,
+    the ``noise_sampler`` returned by ``prepare_run(x, sigmas)`` (which validates the run and may raise)."""
+    stock = comfy.samplers.sampler_object(sampler_name)
+    stock_function = stock.sampler_function
+
+    def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **extra_options):
+        noise_sampler = prepare_run(x, sigmas)
+        if noise_sampler is not None:
+            extra_options["noise_sampler"] = noise_sampler
+        return stock_function(model_k, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **extra_options)
+
+    return comfy.samplers.KSAMPLER(sampler_function, {**stock.extra_options, **options}, stock.inpaint_options)
+
+
+def intermediate_device() -> torch.device:
+    return comfy.model_management.intermediate_device()
+
+
+class Progress:
+    """ComfyUI's progress bar, advanced to an absolute count; every update is also a cancellation check."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def update(self, done: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(done)

@@ -1,0 +1,275 @@
+"""ComfyUI nodes for ReNoise inversion. Thin: each node translates widgets into one call of ``renoise_core``.
+
+ComfyUI itself is reached only through ``comfy_bridge`` (see ``_host``), so these classes load and are tested
+without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..renoise_core import EditLossConfig as EditLossSettings
+from ..renoise_core import NoiseCorrectionConfig as NoiseCorrectionSettings
+from ..renoise_core import ReNoiseConfig, check_sigmas, invert, item_seeds, make_steps, planned_denoiser_calls
+from ..renoise_core.inversion import NOISE_CORRECTION_MODES
+from .inversion_data import (
+    EDIT_LOSS_TYPE,
+    INVERSION_TYPE,
+    NOISE_CORRECTION_TYPE,
+    InversionData,
+    check_latent_shape,
+    match_schedule,
+    noise_replay,
+)
+
+CATEGORY = "sampling/renoise"
+#: samplers with an exact affine inverse (ComfyUI names)
+INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm"]
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _host():
+    """The ComfyUI bridge, imported on first use so this module loads without ComfyUI (tests replace it)."""
+    from . import comfy_bridge
+
+    return comfy_bridge
+
+
+class ReNoiseInvert:
+    DESCRIPTION = (
+        "Inverts a latent into the model's noise space with ReNoise (fixed-point renoising, averaging, optional "
+        "edit losses and noise correction). Sample from the result with ReNoiseSampler + SamplerCustom (any sampler) "
+        "or KSamplerAdvanced with add_noise disabled (euler/ddim) to reconstruct with the source prompt or edit "
+        "with a new one."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "invert"
+    RETURN_TYPES = ("LATENT", INVERSION_TYPE, "SIGMAS")
+    RETURN_NAMES = ("latent", "inversion", "sigmas")
+    OUTPUT_TOOLTIPS = (
+        "The inverted noisy latent at the top of the schedule; continue from it with add_noise off.",
+        "Per-step noises, schedule and sampler settings: connect to ReNoiseSampler.",
+        "The schedule to denoise with (connect to SamplerCustom).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to invert with (the one you will edit with)."}),
+                "positive": ("CONDITIONING", {"tooltip": "The source prompt: a description of the input image."}),
+                "negative": ("CONDITIONING", {"tooltip": "Negative prompt; only used when cfg > 1."}),
+                "latent_image": ("LATENT", {"tooltip": "The VAE-encoded image to invert."}),
+                "sampler_name": (INVERTIBLE_SAMPLERS, {"default": "euler_ancestral",
+                                 "tooltip": "The sampler to invert (and later sample) with. ddim is ComfyUI's ddim (= euler)."}),
+                "scheduler": (_host().scheduler_names(), {"default": "simple",
+                              "tooltip": "Scheduler for the schedule. 'simple' gives ReNoise's SDXL-Turbo timesteps 999/749/499/249."}),
+                "steps": ("INT", {"default": 4, "min": 1, "max": 1000, "tooltip": "Sampling steps (4 for Turbo/LCM, 50 for SD1.5/SDXL)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                            "tooltip": "Invert only part of the way (img2img strength): less noise, edits stay closer to the input."}),
+                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                        "tooltip": "Guidance during inversion. 1 = conditional prediction only (the paper's setting)."}),
+                "renoise_steps": ("INT", {"default": 9, "min": 0, "max": 100,
+                                  "tooltip": "Renoising iterations per step (K). More = better reconstruction, K + 1 model calls per step. 0 = plain DDIM inversion."}),
+                "seed": ("INT", {"default": 7865, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                         "tooltip": "Seed of the per-step noises (stochastic samplers) and the edit-loss reference noise."}),
+            },
+            "optional": {
+                "edit_loss": (EDIT_LOSS_TYPE, {"tooltip": "Editability losses (EditLossConfig node). Unconnected: none."}),
+                "noise_correction": (NOISE_CORRECTION_TYPE, {"tooltip": "Noise correction for stochastic samplers (NoiseCorrection node)."}),
+                "sigmas": ("SIGMAS", {"tooltip": "A custom schedule; overrides scheduler, steps and denoise."}),
+                "average_start": ("INT", {"default": 8, "min": 0, "max": 100,
+                                  "tooltip": "Average the estimates of evaluations average_start..K (paper: 8..9)."}),
+                "first_step_below_timestep": ("INT", {"default": 250, "min": 0, "max": 1000,
+                                              "tooltip": "Steps below this timestep use the first-step settings (reference: 250). 0 = off."}),
+                "first_step_renoise_steps": ("INT", {"default": 4, "min": 0, "max": 100, "tooltip": "K for those steps (reference: 4)."}),
+                "first_step_average_start": ("INT", {"default": 0, "min": 0, "max": 100,
+                                             "tooltip": "Averaging window start for those steps (reference: 0, all)."}),
+                "convergence_tol": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001,
+                                    "tooltip": "Stop renoising a step once the relative change is below this. 0 = off (exact paper behaviour)."}),
+                "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "euler_ancestral eta."}),
+                "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "euler_ancestral s_noise."}),
+            },
+        }
+
+    def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, renoise_steps, seed,
+               edit_loss=None, noise_correction=None, sigmas=None, average_start=8, first_step_below_timestep=250,
+               first_step_renoise_steps=4, first_step_average_start=0, convergence_tol=0.0, eta=1.0, s_noise=1.0):
+        host = _host()
+        model_sampling = host.model_sampling_kind(model)
+        if model_sampling.startswith("CONST"):
+            raise ValueError("ReNoiseInvert: flow-matching models (SD3, Flux; CONST model sampling) are not supported yet.")
+        if sampler_name not in INVERTIBLE_SAMPLERS:
+            raise ValueError(f"ReNoiseInvert: sampler_name must be one of {INVERTIBLE_SAMPLERS}, got {sampler_name!r}")
+        samples = _latent_samples(latent_image, "ReNoiseInvert")
+        if sigmas is None:
+            if steps < 1:
+                raise ValueError(f"ReNoiseInvert: steps must be >= 1, got {steps}")
+            if not 0.0 < denoise <= 1.0:
+                raise ValueError(f"ReNoiseInvert: denoise must be in (0, 1], got {denoise}; 0 would invert nothing")
+            sigmas = host.schedule(model, scheduler, steps, denoise)
+        schedule = _checked_schedule(sigmas)
+
+        config = ReNoiseConfig(
+            renoise_steps=renoise_steps,
+            average_start=average_start,
+            early_renoise_steps=first_step_renoise_steps,
+            early_average_start=first_step_average_start,
+            early_below_sigma=host.sigma_at_timestep(model, first_step_below_timestep) if first_step_below_timestep > 0 else None,
+            convergence_tol=convergence_tol if convergence_tol > 0 else None,
+            edit_loss=edit_loss,
+            noise_correction=noise_correction,
+        )
+        options = {"eta": eta, "s_noise": s_noise} if sampler_name == "euler_ancestral" else {}
+        seeds = item_seeds(seed, latent_image.get("batch_index", samples.shape[0]))
+        if len(seeds) != samples.shape[0]:
+            raise ValueError(f"ReNoiseInvert: the latent's batch_index has {len(seeds)} entries for a batch of {samples.shape[0]}.")
+        progress = host.Progress(planned_denoiser_calls(schedule, sampler_name, config, **options))
+        results = []
+
+        def run(denoiser, x0, sigmas_descending):
+            inversion = invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds,
+                               sampler_options=options, callback=progress.update)
+            results.append(inversion)
+            return inversion.latent
+
+        latent_out = host.run_inversion(model, positive, negative, cfg, latent_image, schedule, run, seed)
+        inversion = results[-1]
+        data = InversionData(
+            noises=inversion.noises.to(device=host.intermediate_device(), dtype=torch.float32),
+            sigmas=schedule,
+            sampler_name=sampler_name,
+            sampler_options=options,
+            model_sampling=model_sampling,
+            seed=seed,
+            method="renoise",
+            settings={"cfg": cfg, "renoise_steps": renoise_steps, "average_start": average_start,
+                      "first_step_below_timestep": first_step_below_timestep, "first_step_renoise_steps": first_step_renoise_steps,
+                      "first_step_average_start": first_step_average_start, "convergence_tol": convergence_tol,
+                      "edit_loss": edit_loss, "noise_correction": noise_correction},
+            diagnostics=inversion.steps,
+            denoiser_calls=inversion.denoiser_calls,
+        )
+        out = {key: value for key, value in latent_image.items() if key not in ("samples", "noise_mask")}
+        out["samples"] = latent_out
+        return (out, data, schedule.clone())
+
+
+class ReNoiseSampler:
+    DESCRIPTION = (
+        "A stock ComfyUI sampler (the inversion's) that replays the inversion's per-step noises. Use it in "
+        "SamplerCustom / SamplerCustomAdvanced with add_noise off, ReNoiseInvert's latent and sigmas: the source "
+        "prompt reconstructs the image, a new prompt edits it."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "get_sampler"
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("Connect to SamplerCustom's sampler input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"inversion": (INVERSION_TYPE, {"tooltip": "The inversion output of ReNoiseInvert."})}}
+
+    def get_sampler(self, inversion):
+        if not isinstance(inversion, InversionData):
+            raise ValueError("ReNoiseSampler: connect the `inversion` output of ReNoiseInvert.")
+
+        def prepare_run(x, sigmas):
+            check_latent_shape(tuple(x.shape), inversion)
+            schedule = sigmas.tolist()
+            start = match_schedule(schedule, inversion.sigmas.tolist())
+            steps = make_steps(inversion.sampler_name, schedule, **inversion.sampler_options)
+            return noise_replay(inversion, start, x) if any(step.is_stochastic for step in steps) else None
+
+        return (_host().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run),)
+
+
+class NoiseCorrection:
+    DESCRIPTION = (
+        "Noise correction for stochastic samplers: after each inversion step, move the step's noise toward the one "
+        "that lands exactly on the image's trajectory. 'exact' reconstructs perfectly but edits less; 'optimize' is "
+        "the paper's bounded version."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (NOISE_CORRECTION_TYPE,)
+    RETURN_NAMES = ("noise_correction",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "mode": (list(NOISE_CORRECTION_MODES), {"default": "optimize",
+                         "tooltip": "optimize: bounded steps toward the exact noise (paper). exact: the exact noise (Eq. 4)."}),
+                "steps": ("INT", {"default": 10, "min": 0, "max": 1000, "tooltip": "optimize: number of steps."}),
+                "step_size": ("FLOAT", {"default": 1.8, "min": 0.0, "max": 100.0, "step": 0.01,
+                              "tooltip": "optimize: how far (L2) the noise moves per step."}),
+            }
+        }
+
+    def build(self, mode, steps, step_size):
+        return (NoiseCorrectionSettings(mode=mode, steps=steps, step_size=step_size),)
+
+
+class EditLossConfig:
+    DESCRIPTION = (
+        "Editability losses applied to the model's noise predictions during inversion (patch KL against a noised "
+        "copy of the image, and the pix2pix-zero pair loss). Better edits, slightly worse reconstruction."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (EDIT_LOSS_TYPE,)
+    RETURN_NAMES = ("edit_loss",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lambda_ac": ("FLOAT", {"default": 20.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                              "tooltip": "Weight of the pair (auto-correlation) loss. 0 = off."}),
+                "lambda_kl": ("FLOAT", {"default": 0.065, "min": 0.0, "max": 10.0, "step": 0.001,
+                              "tooltip": "Weight of the patch-KL loss (0.055 in some reference demos). 0 = off."}),
+                "reg_steps": ("INT", {"default": 4, "min": 1, "max": 100, "tooltip": "Outer regularisation steps."}),
+                "ac_rolls": ("INT", {"default": 5, "min": 1, "max": 100, "tooltip": "Pair-loss steps (random shifts) per outer step."}),
+                "patch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Patch size (latent pixels) of the patch-KL loss."}),
+            }
+        }
+
+    def build(self, lambda_ac, lambda_kl, reg_steps, ac_rolls, patch_size):
+        return (EditLossSettings(lambda_ac=lambda_ac, lambda_kl=lambda_kl, reg_steps=reg_steps, ac_rolls=ac_rolls, patch_size=patch_size),)
+
+
+def _latent_samples(latent, node: str) -> torch.Tensor:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(f"{node}: latent_image must be a LATENT (connect VAEEncode or Load Latent).")
+    if samples.ndim != 4:
+        raise ValueError(f"{node}: expected an image latent [batch, channels, height, width], got shape {list(samples.shape)}.")
+    if samples.numel() == 0:
+        raise ValueError(f"{node}: the latent is empty (shape {list(samples.shape)}).")
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError(f"{node}: the latent contains NaN or Inf values; check the image and the VAE that encoded it.")
+    return samples
+
+
+def _checked_schedule(sigmas) -> torch.Tensor:
+    try:
+        values = check_sigmas(sigmas)
+    except ValueError as error:
+        raise ValueError(f"ReNoiseInvert: bad schedule (sigmas input, or scheduler/steps/denoise): {error}") from None
+    return torch.tensor(values, dtype=torch.float32)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ReNoiseInvert": ReNoiseInvert,
+    "ReNoiseSampler": ReNoiseSampler,
+    "NoiseCorrection": NoiseCorrection,
+    "EditLossConfig": EditLossConfig,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ReNoiseInvert": "ReNoise Invert",
+    "ReNoiseSampler": "ReNoise Sampler (replay noises)",
+    "NoiseCorrection": "ReNoise Noise Correction",
+    "EditLossConfig": "ReNoise Edit Loss Config",
+}

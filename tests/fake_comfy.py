@@ -1,0 +1,108 @@
+"""A faithful stand-in for ``nodes/comfy_bridge.py`` without ComfyUI, built on the analytic model.
+
+Same functions, same contracts: LATENT samples are scaled by the latent format (``process_in`` / ``process_out``),
+CONDITIONING is ``[[tensor, {}]]`` (here the tensor is a component prior ``[1, K]``), CFG combines conditional and
+unconditional predictions on the same latents, the stock sampler loop asks its ``noise_sampler`` by sigma.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from renoise_core.samplers import make_steps
+from renoise_core.schedules import denoise_schedule, sd_discrete_sigmas, simple_schedule
+from renoise_core.schedules import sigma_at_timestep as table_sigma
+
+LATENT_SCALE = 0.18215
+TRAINING_SIGMAS = sd_discrete_sigmas()
+
+
+class FakeModel:
+    """MODEL: the analytic mixture behind a ModelPatcher-like object."""
+
+    def __init__(self, mixture, kind: str = "EPS"):
+        self.mixture = mixture
+        self.kind = kind
+
+
+def conditioning(mixture, class_index: int | None):
+    return [[mixture.prior(None if class_index is None else [class_index]).float(), {}]]
+
+
+def scheduler_names() -> list[str]:
+    return ["simple", "normal"]
+
+
+def schedule(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    return denoise_schedule(lambda n: simple_schedule(TRAINING_SIGMAS, n), steps, denoise)
+
+
+def sigma_at_timestep(model, timestep: float) -> float:
+    return table_sigma(TRAINING_SIGMAS, timestep)
+
+
+def model_sampling_kind(model) -> str:
+    return model.kind
+
+
+def guided_denoiser(model, positive, negative, cfg: float):
+    def denoise(x, sigma):
+        cond = model.mixture.posterior_mean(x, sigma, positive[0][0].double())
+        if cfg == 1.0:
+            return cond
+        uncond = model.mixture.posterior_mean(x, sigma, negative[0][0].double())
+        return uncond + cfg * (cond - uncond)
+
+    return denoise
+
+
+CALLS = {"run_inversion": 0}
+
+
+def run_inversion(model, positive, negative, cfg, latent, sigmas, function, seed):
+    CALLS["run_inversion"] += 1
+    x = latent["samples"] * LATENT_SCALE  # process_latent_in (a new tensor, as ComfyUI's)
+    out = function(guided_denoiser(model, positive, negative, cfg), x, sigmas)
+    return (out / LATENT_SCALE).float().cpu()  # process_latent_out, intermediate device
+
+
+class FakeSampler:
+    """SAMPLER: the stock loop of a k-diffusion sampler, asking ``noise_sampler(sigma, sigma_next)`` per step."""
+
+    def __init__(self, sampler_name, options, prepare_run):
+        self.sampler_name, self.options, self.prepare_run = sampler_name, options, prepare_run
+
+    def sample_custom(self, model, positive, negative, cfg, latent, sigmas):
+        """What SamplerCustom does with add_noise off."""
+        x = latent["samples"] * LATENT_SCALE
+        noise_sampler = self.prepare_run(x, sigmas)
+        denoiser = guided_denoiser(model, positive, negative, cfg)
+        for step in make_steps(self.sampler_name, sigmas, **self.options):
+            sigma = torch.full((x.shape[0],), step.sigma)
+            eps = (x - denoiser(x, sigma)) / step.sigma
+            noise = noise_sampler(torch.tensor(step.sigma), torch.tensor(step.sigma_next)) if step.is_stochastic else None
+            x = step.forward(x, eps, noise)
+        return {"samples": x / LATENT_SCALE}
+
+
+def replaying_sampler(sampler_name, options, prepare_run):
+    return FakeSampler(sampler_name, options, prepare_run)
+
+
+def intermediate_device() -> torch.device:
+    return torch.device("cpu")
+
+
+class Progress:
+    """Records progress; ``cancel_at`` simulates the user pressing cancel after that many denoiser calls."""
+
+    cancel_at: int | None = None
+    log: list[tuple[int, int]] = []
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def update(self, done: int) -> None:
+        Progress.log.append((done, self.total))
+        if Progress.cancel_at is not None and done >= Progress.cancel_at:
+            raise InterruptedError("Processing interrupted")

@@ -1,0 +1,389 @@
+"""Runs the pack inside a real ComfyUI, in this process, and prints one JSON line of results.
+
+Usage: ``python comfy_harness.py SCENARIO WORKDIR`` with ``COMFYUI_PATH`` set; run by ``test_comfyui.py`` in a
+subprocess (ComfyUI's top-level ``nodes`` module must not meet this repo's ``nodes`` package in one process).
+
+Everything here is test scaffolding: an exact analytic denoiser installed as a ComfyUI model (a Gaussian mixture
+whose class prior is read from the conditioning tensor), tiny random-weight checkpoints written with safetensors,
+and a node that captures latents. The pack itself is loaded with ComfyUI's own custom-node loader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parents[2]
+COMFYUI_PATH = Path(os.environ["COMFYUI_PATH"]).resolve()
+sys.path.insert(0, str(COMFYUI_PATH))
+os.chdir(COMFYUI_PATH)
+
+from comfy.cli_args import args  # noqa: E402
+
+args.cpu = True
+
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.supported_models  # noqa: E402
+import execution  # noqa: E402
+import folder_paths  # noqa: E402
+import torch  # noqa: E402
+
+import nodes  # noqa: E402  (ComfyUI's)
+
+sys.path.append(str(PACK_DIR))  # after ComfyUI: `nodes` stays ComfyUI's; only renoise_core is taken from here
+from renoise_core.analytic import GaussianMixture, psnr  # noqa: E402
+
+NUM_CLASSES = 16
+LATENT_SHAPE = (4, 16, 16)
+MIXTURE = GaussianMixture.random(components=NUM_CLASSES, shape=LATENT_SHAPE, std=1.0, seed=0)
+SD15_SCALE = 0.18215
+CAPTURED: dict[str, torch.Tensor] = {}
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+def tiny_unet_config(context_dim: int = 768) -> dict:
+    """An SD1.5-architecture UNet config as ComfyUI's detection produces it, one level deep (model_channels 320
+    is what detection matches on)."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+        "num_res_blocks": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1], "channel_mult": [1],
+        "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": context_dim,
+        "use_temporal_resblock": False, "use_temporal_attention": False, "num_heads": 8, "num_head_channels": -1,
+    }
+
+
+def fill_random(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's layers skip weight init: give every parameter sane seeded values (norm weights 1, biases 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim <= 1:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+
+
+class AnalyticUNet(torch.nn.Module):
+    """Replaces ``diffusion_model``: receives ``x / sqrt(1 + sigma^2)`` and the integer timestep, returns the exact
+    eps (or v) of the Gaussian mixture, conditioned on the class prior stored in ``context[:, 0, :K]``."""
+
+    def __init__(self, training_sigmas: torch.Tensor, prediction: str):
+        super().__init__()
+        self.register_buffer("training_sigmas", training_sigmas.float().clone())
+        self.prediction = prediction
+        self.dtype = torch.float32
+
+    def forward(self, x, timesteps=None, context=None, **kwargs):
+        sigma = self.training_sigmas[timesteps.round().long()].to(x.device)
+        scale = torch.sqrt(1 + sigma.double() ** 2).view(-1, 1, 1, 1)
+        x_k = (x.double() * scale).float()
+        prior = context[:, 0, :NUM_CLASSES].double()
+        prior = prior / prior.sum(1, keepdim=True)
+        x0 = MIXTURE.posterior_mean(x_k, sigma, prior).double()
+        eps = (x_k.double() - x0) / sigma.double().view(-1, 1, 1, 1)
+        if self.prediction == "v":  # DDPM units: x_ddpm = a x0 + s eps, v = a eps - s x0
+            a, s = 1 / scale, sigma.double().view(-1, 1, 1, 1) / scale
+            return (a * eps - s * x0).float()
+        return eps.float()
+
+
+def analytic_model(prediction: str = "eps"):
+    config = comfy.supported_models.SD15(tiny_unet_config())
+    model = config.get_model({}, device="cpu")  # for "v", patch with ModelSamplingDiscrete v_prediction
+    model.diffusion_model = AnalyticUNet(model.model_sampling.sigmas, prediction)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+# --- test-only nodes ------------------------------------------------------------------------------------------
+
+class AnalyticModel:
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"prediction": (["eps", "v"],)}}
+
+    def load(self, prediction):
+        return (analytic_model(prediction),)
+
+
+class ClassConditioning:
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"class_index": ("INT", {"default": -1, "min": -1, "max": NUM_CLASSES - 1}),
+                             "context_dim": ("INT", {"default": 768})}}
+
+    def encode(self, class_index, context_dim):
+        prior = MIXTURE.prior(None if class_index < 0 else [class_index])[0].float()
+        context = torch.zeros((1, 77, context_dim))
+        context[0, 0, :NUM_CLASSES] = prior
+        return ([[context, {}]],)
+
+
+class AnalyticLatent:
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"classes": ("STRING", {"default": "3"}), "seed": ("INT", {"default": 1})}}
+
+    def make(self, classes, seed):
+        x0 = MIXTURE.sample([int(c) for c in classes.split(",")], seed=seed)
+        CAPTURED["x0"] = x0
+        return ({"samples": x0 / SD15_SCALE},)  # LATENT space; the sampler sees x0 after process_in
+
+
+class CaptureLatent:
+    RETURN_TYPES = ()
+    FUNCTION = "capture"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "out"})}}
+
+    def capture(self, samples, name):
+        CAPTURED[name] = samples["samples"].clone() * SD15_SCALE  # back to the sampler's space
+        return {}
+
+
+TEST_NODES = {"AnalyticModel": AnalyticModel, "ClassConditioning": ClassConditioning,
+              "AnalyticLatent": AnalyticLatent, "CaptureLatent": CaptureLatent}
+
+
+# --- running prompts ------------------------------------------------------------------------------------------
+
+class FakeServer:
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+def setup(workdir: Path) -> None:
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    ok = asyncio.run(nodes.load_custom_node(str(PACK_DIR), module_parent="custom_nodes"))
+    if not ok:
+        raise RuntimeError("ComfyUI failed to load the pack")
+    nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
+    for sub in ("input", "output", "temp", "checkpoints"):
+        (workdir / sub).mkdir(parents=True, exist_ok=True)
+    folder_paths.set_input_directory(str(workdir / "input"))
+    folder_paths.set_output_directory(str(workdir / "output"))
+    folder_paths.set_temp_directory(str(workdir / "temp"))
+    folder_paths.add_model_folder_path("checkpoints", str(workdir / "checkpoints"), is_default=True)
+
+
+def run_prompt(prompt: dict) -> dict:
+    """Validate with ComfyUI's validate_prompt and execute in-process; returns status and error text."""
+    CAPTURED_BEFORE = set(CAPTURED)
+    valid = asyncio.run(execution.validate_prompt("1", prompt, None))
+    if not valid[0]:
+        return {"valid": False, "error": json.dumps(valid[1]) + json.dumps(valid[3])[:2000]}
+    server = FakeServer()
+    executor = execution.PromptExecutor(server, cache_type=False)
+    executor.execute(prompt, "1", {}, valid[2])
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    return {"valid": True, "success": executor.success, "error": errors[0].get("exception_message") if errors else None,
+            "captured": sorted(set(CAPTURED) - CAPTURED_BEFORE)}
+
+
+def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class: int | None = None, cfg=1.0,
+                   noise_correction: str | None = None, continue_with="samplercustom", prediction="eps", patch=None,
+                   sampling_sigmas_steps: int | None = None, steps=4, edit_loss=False) -> dict:
+    """The standard graphs: ReNoiseInvert, then either ReNoiseSampler + SamplerCustom or KSamplerAdvanced."""
+    context_dim = 768
+    if prediction == "v":
+        patch = "v_prediction"
+    first_class = int(classes.split(",")[0])
+    prompt = {
+        "1": {"class_type": "AnalyticModel", "inputs": {"prediction": prediction}},
+        "2": {"class_type": "ClassConditioning", "inputs": {"class_index": first_class, "context_dim": context_dim}},
+        "3": {"class_type": "ClassConditioning", "inputs": {"class_index": -1, "context_dim": context_dim}},
+        "4": {"class_type": "AnalyticLatent", "inputs": {"classes": classes, "seed": 1}},
+        "6": {"class_type": "ReNoiseInvert", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "sampler_name": sampler, "scheduler": "simple", "steps": steps, "denoise": 1.0, "cfg": cfg,
+            "renoise_steps": renoise_steps, "seed": 7865}},
+        "9": {"class_type": "CaptureLatent", "inputs": {"samples": ["8", 0], "name": "reconstruction"}},
+        "10": {"class_type": "CaptureLatent", "inputs": {"samples": ["6", 0], "name": "inverted"}},
+    }
+    if patch is not None:
+        prompt["11"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": patch, "zsnr": False}}
+        prompt["6"]["inputs"]["model"] = ["11", 0]
+    model_ref = prompt["6"]["inputs"]["model"]
+    if noise_correction:
+        prompt["5"] = {"class_type": "NoiseCorrection", "inputs": {"mode": noise_correction, "steps": 10, "step_size": 1.8}}
+        prompt["6"]["inputs"]["noise_correction"] = ["5", 0]
+    if edit_loss:
+        prompt["12"] = {"class_type": "EditLossConfig", "inputs": {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4,
+                                                                    "ac_rolls": 5, "patch_size": 4}}
+        prompt["6"]["inputs"]["edit_loss"] = ["12", 0]
+    target = ["2", 0]
+    if edit_class is not None:
+        prompt["13"] = {"class_type": "ClassConditioning", "inputs": {"class_index": edit_class, "context_dim": context_dim}}
+        target = ["13", 0]
+    if continue_with == "ksampleradvanced":
+        prompt["8"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            "model": model_ref, "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+            "scheduler": "simple", "positive": target, "negative": ["3", 0], "latent_image": ["6", 0],
+            "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    else:
+        sigmas = ["6", 2]
+        if sampling_sigmas_steps is not None:
+            prompt["14"] = {"class_type": "BasicScheduler", "inputs": {"model": model_ref, "scheduler": "simple",
+                                                                        "steps": sampling_sigmas_steps, "denoise": 1.0}}
+            sigmas = ["14", 0]
+        prompt["7"] = {"class_type": "ReNoiseSampler", "inputs": {"inversion": ["6", 1]}}
+        prompt["8"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": model_ref, "add_noise": False, "noise_seed": 0, "cfg": cfg, "positive": target, "negative": ["3", 0],
+            "sampler": ["7", 0], "sigmas": sigmas, "latent_image": ["6", 0]}}
+    return prompt
+
+
+def reconstruction_db(result: dict) -> float | None:
+    if "reconstruction" not in CAPTURED or not result.get("success"):
+        return None
+    return psnr(CAPTURED["reconstruction"], CAPTURED["x0"]).mean().item()
+
+
+def scenario_analytic(workdir: Path) -> dict:
+    cases = {
+        "euler_k0_ksampleradvanced": dict(sampler="euler", renoise_steps=0, continue_with="ksampleradvanced"),
+        "euler_k9_ksampleradvanced": dict(sampler="euler", renoise_steps=9, continue_with="ksampleradvanced"),
+        "ddim_k9_samplercustom": dict(sampler="ddim", renoise_steps=9),
+        "ea_k9_none": dict(sampler="euler_ancestral", renoise_steps=9),
+        "ea_k9_exact": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="exact"),
+        "ea_turbo_defaults": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True),
+        "ea_k9_exact_cfg3": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="exact", cfg=3.0),
+        "ddpm_k9_exact": dict(sampler="ddpm", renoise_steps=9, noise_correction="exact"),
+        "lcm_patched_exact": dict(sampler="lcm", renoise_steps=9, noise_correction="exact", patch="lcm"),
+        "vpred_euler_k0": dict(sampler="euler", renoise_steps=0, prediction="v", continue_with="ksampleradvanced"),
+        "vpred_euler_k9": dict(sampler="euler", renoise_steps=9, prediction="v", continue_with="ksampleradvanced"),
+        "batch2_ea_exact": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="exact", classes="3,5"),
+        "wrong_sigmas": dict(sampler="euler_ancestral", renoise_steps=2, sampling_sigmas_steps=6),
+    }
+    results = {}
+    for name, kwargs in cases.items():
+        CAPTURED.clear()
+        result = run_prompt(analytic_graph(**kwargs))
+        result["psnr"] = reconstruction_db(result)
+        results[name] = result
+    # editing: invert with class 3, sample with class 9: the result moves to class 9's component
+    CAPTURED.clear()
+    graph = dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True)
+    result = run_prompt(analytic_graph(**graph))
+    reconstruction = CAPTURED.get("reconstruction")
+    result.update(run_prompt(analytic_graph(**graph, edit_class=9)))
+    if result.get("success") and reconstruction is not None:
+        edited = CAPTURED["reconstruction"].double()
+        result["reconstruction_to_target"] = (reconstruction.double() - MIXTURE.means[9]).norm().item()
+        result["edit_to_target"] = (edited - MIXTURE.means[9]).norm().item()
+    results["edit_3_to_9"] = result
+    return results
+
+
+# --- tiny checkpoints -----------------------------------------------------------------------------------------
+
+def write_tiny_sd15_checkpoint(path: Path) -> None:
+    """A random-weight SD1.5-architecture checkpoint (tiny UNet, real-size CLIP-L and VAE) that
+    CheckpointLoaderSimple detects as SD1.5."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd1_clip
+    from safetensors.torch import save_file
+
+    config = comfy.supported_models.SD15(tiny_unet_config())
+    unet = config.get_model({}, device="cpu").diffusion_model
+    fill_random(unet, 1)
+    vae = comfy.ldm.models.autoencoder.AutoencoderKL(
+        ddconfig={"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                  "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0},
+        embed_dim=4)
+    fill_random(vae, 2)
+    clip = comfy.sd1_clip.SDClipModel(device="cpu")
+    fill_random(clip, 3)
+    state = {}
+    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae), ("cond_stage_model.", clip)):
+        for key, value in module.state_dict().items():
+            state[prefix + key] = value.detach().to(torch.float16).contiguous()
+    state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
+    save_file(state, str(path))
+
+
+def scenario_checkpoint(workdir: Path) -> dict:
+    from PIL import Image
+
+    write_tiny_sd15_checkpoint(workdir / "checkpoints" / "tiny_sd15.safetensors")
+    gradient = torch.linspace(0, 255, 128).view(1, -1, 1).expand(128, 128, 3).clone()
+    gradient[..., 1] = gradient[..., 1].t()
+    Image.fromarray(gradient.byte().numpy()).save(workdir / "input" / "photo.png")
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "5": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 2]}},
+        "6": {"class_type": "ReNoiseInvert", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
+            "sampler_name": "euler_ancestral", "scheduler": "simple", "steps": 4, "denoise": 1.0, "cfg": 1.0,
+            "renoise_steps": 2, "seed": 7865, "noise_correction": ["12", 0], "edit_loss": ["13", 0]}},
+        "7": {"class_type": "ReNoiseSampler", "inputs": {"inversion": ["6", 1]}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": False, "noise_seed": 0, "cfg": 1.0, "positive": ["2", 0], "negative": ["3", 0],
+            "sampler": ["7", 0], "sigmas": ["6", 2], "latent_image": ["6", 0]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "renoise_test"}},
+        "12": {"class_type": "NoiseCorrection", "inputs": {"mode": "optimize", "steps": 10, "step_size": 1.8}},
+        "13": {"class_type": "EditLossConfig", "inputs": {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4,
+                                                           "ac_rolls": 5, "patch_size": 4}},
+    }
+    result = run_prompt(prompt)
+    saved = sorted(p.name for p in (workdir / "output").glob("renoise_test*.png"))
+    result["saved"] = saved
+    if saved:
+        image = Image.open(workdir / "output" / saved[0])
+        result["image_size"] = list(image.size)
+    return {"sd15_checkpoint": result}
+
+
+SCENARIOS = {"analytic": scenario_analytic, "checkpoint": scenario_checkpoint}
+
+
+def main() -> None:
+    scenario, workdir = sys.argv[1], Path(sys.argv[2])
+    try:
+        setup(workdir)
+        results = SCENARIOS[scenario](workdir)
+    except Exception:
+        results = {"harness_error": traceback.format_exc()}
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

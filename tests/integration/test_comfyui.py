@@ -1,0 +1,112 @@
+"""The pack inside a real ComfyUI (``COMFYUI_PATH``), executed in-process by ``comfy_harness.py``.
+
+Each scenario runs in a fresh subprocess with ComfyUI's Python (``COMFYUI_PYTHON``, else ``$COMFYUI_PATH/.venv``,
+else this interpreter), because ComfyUI's top-level ``nodes`` module and this repo's ``nodes`` package cannot share
+one process the way pytest imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+HARNESS = Path(__file__).with_name("comfy_harness.py")
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not COMFYUI_PATH,
+        reason="COMFYUI_PATH is not set: the real-ComfyUI integration tests need a ComfyUI checkout (README, 'Tests')",
+    ),
+]
+
+
+def comfy_python() -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv = Path(COMFYUI_PATH or "", ".venv", "bin", "python")
+    return str(venv) if venv.exists() else sys.executable
+
+
+def run_scenario(name: str, workdir: Path) -> dict:
+    completed = subprocess.run(
+        [comfy_python(), str(HARNESS), name, str(workdir)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "COMFYUI_PATH": COMFYUI_PATH},
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert lines, f"harness printed no results (exit {completed.returncode}):\n{completed.stderr[-4000:]}"
+    results = json.loads(lines[-1][len("RESULTS "):])
+    assert "harness_error" not in results, results["harness_error"]
+    return results
+
+
+@pytest.fixture(scope="module")
+def analytic(tmp_path_factory) -> dict:
+    return run_scenario("analytic", tmp_path_factory.mktemp("comfy_analytic"))
+
+
+def ok(result: dict) -> dict:
+    assert result["valid"] and result["success"], result.get("error")
+    return result
+
+
+def test_renoise_beats_plain_inversion_through_ksampleradvanced(analytic):
+    plain = ok(analytic["euler_k0_ksampleradvanced"])["psnr"]
+    renoise = ok(analytic["euler_k9_ksampleradvanced"])["psnr"]
+    assert renoise > plain + 15.0, (plain, renoise)
+
+
+def test_ddim_through_renoisesampler_matches_ksampleradvanced(analytic):
+    assert ok(analytic["ddim_k9_samplercustom"])["psnr"] == pytest.approx(analytic["euler_k9_ksampleradvanced"]["psnr"], abs=0.01)
+
+
+def test_exact_noise_correction_reconstructs_euler_ancestral(analytic):
+    none = ok(analytic["ea_k9_none"])["psnr"]
+    exact = ok(analytic["ea_k9_exact"])["psnr"]
+    assert exact > 45.0 and exact > none + 20.0, (none, exact)
+
+
+def test_turbo_defaults_run(analytic):
+    assert ok(analytic["ea_turbo_defaults"])["psnr"] > analytic["euler_k0_ksampleradvanced"]["psnr"]
+
+
+def test_cfg_above_one_during_inversion_is_consistent(analytic):
+    """Inverting and sampling with cfg 3 reconstructs as well as cfg 1: cond and uncond see the same latents."""
+    assert ok(analytic["ea_k9_exact_cfg3"])["psnr"] > 45.0
+
+
+def test_ddpm_and_lcm_patched_models(analytic):
+    assert ok(analytic["ddpm_k9_exact"])["psnr"] > 45.0
+    assert ok(analytic["lcm_patched_exact"])["psnr"] > 45.0
+
+
+def test_v_prediction_model(analytic):
+    plain, renoise = ok(analytic["vpred_euler_k0"])["psnr"], ok(analytic["vpred_euler_k9"])["psnr"]
+    assert renoise > plain + 15.0, (plain, renoise)
+
+
+def test_batch_of_two(analytic):
+    assert ok(analytic["batch2_ea_exact"])["psnr"] > 40.0
+
+
+def test_mismatched_schedule_gives_a_clear_error(analytic):
+    result = analytic["wrong_sigmas"]
+    assert result["valid"] and not result["success"]
+    assert "Connect ReNoiseInvert's `sigmas` output" in result["error"]
+
+
+def test_edit_moves_toward_the_target_class(analytic):
+    result = ok(analytic["edit_3_to_9"])
+    assert result["edit_to_target"] < result["reconstruction_to_target"]
+
+
+def test_full_checkpoint_path_saves_an_image(tmp_path):
+    """CheckpointLoaderSimple (tiny random SD1.5) -> VAEEncode -> ReNoiseInvert -> SamplerCustom -> VAEDecode -> SaveImage."""
+    result = ok(run_scenario("checkpoint", tmp_path)["sd15_checkpoint"])
+    assert result["saved"] and result["image_size"] == [128, 128]

@@ -1,0 +1,181 @@
+"""Node classes through the bridge, with the fake bridge (no ComfyUI): types, validation, no mutation, errors."""
+
+import copy
+
+import fake_comfy
+import pytest
+import torch
+from fake_comfy import FakeModel, conditioning
+from renoise_pack.nodes import renoise_nodes
+from renoise_pack.nodes.inversion_data import InversionData
+from renoise_pack.renoise_core import EditLossConfig as EditLossSettings
+from renoise_pack.renoise_core import NoiseCorrectionConfig as NoiseCorrectionSettings
+
+from renoise_core.analytic import psnr
+
+NODES = renoise_nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(autouse=True)
+def fake_host(monkeypatch):
+    monkeypatch.setattr(renoise_nodes, "_host", lambda: fake_comfy)
+    fake_comfy.Progress.cancel_at = None
+    fake_comfy.Progress.log = []
+
+
+@pytest.fixture
+def graph(mixture):
+    x0 = mixture.sample([3, 5], seed=1)
+    return {
+        "model": FakeModel(mixture),
+        "positive": conditioning(mixture, 3),
+        "negative": conditioning(mixture, None),
+        "latent_image": {"samples": x0 / fake_comfy.LATENT_SCALE},
+        "x0": x0,
+    }
+
+
+def invert(graph, **widgets):
+    inputs = dict(sampler_name="euler_ancestral", scheduler="simple", steps=4, denoise=1.0, cfg=1.0, renoise_steps=9, seed=7865)
+    inputs.update(widgets)
+    return NODES["ReNoiseInvert"]().invert(graph["model"], graph["positive"], graph["negative"], graph["latent_image"], **inputs)
+
+
+def replay(graph, latent, inversion, sigmas, positive=None):
+    (sampler,) = NODES["ReNoiseSampler"]().get_sampler(inversion)
+    return sampler.sample_custom(graph["model"], positive or graph["positive"], graph["negative"], 1.0, latent, sigmas)
+
+
+def test_node_contract():
+    assert list(NODES) == ["ReNoiseInvert", "ReNoiseSampler", "NoiseCorrection", "EditLossConfig"]
+    assert set(renoise_nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(NODES)
+    assert NODES["ReNoiseInvert"].RETURN_TYPES == ("LATENT", "RENOISE_INVERSION", "SIGMAS")
+    assert NODES["ReNoiseInvert"].RETURN_NAMES == ("latent", "inversion", "sigmas")
+    assert NODES["ReNoiseSampler"].RETURN_TYPES == ("SAMPLER",)
+    assert NODES["NoiseCorrection"].RETURN_TYPES == ("NOISE_CORRECTION",)
+    assert NODES["EditLossConfig"].RETURN_TYPES == ("EDIT_LOSS_CONFIG",)
+    for cls in NODES.values():
+        assert cls.CATEGORY == "sampling/renoise"
+        assert callable(getattr(cls, cls.FUNCTION))
+        for section in cls.INPUT_TYPES().values():
+            for name, spec in section.items():
+                assert "tooltip" in spec[1], (cls.__name__, name)
+
+
+def test_invert_input_names_are_the_public_contract():
+    spec = NODES["ReNoiseInvert"].INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "positive", "negative", "latent_image", "sampler_name", "scheduler", "steps",
+                                      "denoise", "cfg", "renoise_steps", "seed"]
+    assert spec["required"]["sampler_name"][0] == ["euler_ancestral", "euler", "ddim", "lcm", "ddpm"]
+    assert spec["required"]["steps"][1]["default"] == 4 and spec["required"]["renoise_steps"][1]["default"] == 9
+    assert spec["required"]["denoise"][1]["default"] == 1.0 and spec["required"]["cfg"][1]["default"] == 1.0
+    assert {"edit_loss", "noise_correction", "sigmas"} <= set(spec["optional"])
+
+
+def test_outputs_and_reconstruction(graph):
+    (nc,) = NODES["NoiseCorrection"]().build("exact", 10, 1.8)
+    latent, inversion, sigmas = invert(graph, noise_correction=nc)
+    assert isinstance(inversion, InversionData) and inversion.latent_shape == (2, 4, 16, 16)
+    assert inversion.noises.shape == (4, 2, 4, 16, 16) and inversion.denoiser_calls == 38
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (5,)
+    out = replay(graph, latent, inversion, sigmas)
+    assert psnr(out["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).min() > 45
+
+
+def test_inputs_are_not_mutated_and_outputs_do_not_alias(graph):
+    before = copy.deepcopy({k: graph[k] for k in ("positive", "negative", "latent_image")})
+    latent, inversion, sigmas = invert(graph, edit_loss=EditLossSettings(), noise_correction=NoiseCorrectionSettings())
+    noises_before = inversion.noises.clone()
+    replay(graph, latent, inversion, sigmas)
+    replay(graph, latent, inversion, sigmas)
+    for key, value in before.items():
+        assert torch.equal(graph[key][0][0] if key != "latent_image" else graph[key]["samples"],
+                           value[0][0] if key != "latent_image" else value["samples"])
+    assert torch.equal(inversion.noises, noises_before)
+    assert latent["samples"].data_ptr() != graph["latent_image"]["samples"].data_ptr()
+
+
+def test_batch_index_gives_the_seed_of_that_item(graph):
+    _, full, _ = invert(graph)
+    single = {"samples": graph["latent_image"]["samples"][1:], "batch_index": [1]}
+    _, one, _ = invert(dict(graph, latent_image=single, positive=conditioning(graph["model"].mixture, 5)))
+    assert torch.allclose(one.noises[:, 0], full.noises[:, 1], atol=1e-5)
+
+
+def test_partial_inversion_with_denoise(graph):
+    _, inversion, sigmas = invert(graph, steps=4, denoise=0.5, sampler_name="euler")
+    assert sigmas.shape == (5,) and float(sigmas[0]) < 14.0  # KSampler's tail of an 8-step schedule
+
+
+def test_progress_counts_every_denoiser_call(graph):
+    invert(graph, renoise_steps=3)
+    done = [d for d, _ in fake_comfy.Progress.log]
+    assert done == list(range(1, len(done) + 1)) and done[-1] == fake_comfy.Progress.log[-1][1]
+
+
+def test_cancel_then_run_again_is_clean(graph):
+    _, reference, _ = invert(graph)
+    fake_comfy.Progress.cancel_at = 5
+    with pytest.raises(InterruptedError):
+        invert(graph)
+    fake_comfy.Progress.cancel_at = None
+    _, again, _ = invert(graph)
+    assert torch.equal(again.noises, reference.noises)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(denoise=0.0), "denoise must be in"),
+        (dict(steps=0), "steps must be >= 1"),
+        (dict(sampler_name="dpmpp_2m"), "sampler_name must be one of"),
+        (dict(sigmas=torch.tensor([0.5, 1.0, 0.0])), "bad schedule.*strictly descending"),
+        (dict(sigmas=torch.tensor([1.0])), "bad schedule.*at least 2"),
+        (dict(renoise_steps=-1), "renoise_steps"),
+    ],
+)
+def test_bad_widgets_raise_clear_errors(graph, change, message):
+    with pytest.raises(ValueError, match=message):
+        invert(graph, **change)
+
+
+@pytest.mark.parametrize(
+    "samples,message",
+    [
+        (torch.full((1, 4, 16, 16), float("nan")), "NaN or Inf"),
+        (torch.zeros((0, 4, 16, 16)), "empty"),
+        (torch.zeros((4, 16, 16)), r"image latent \[batch, channels, height, width\]"),
+    ],
+)
+def test_bad_latents(graph, samples, message):
+    with pytest.raises(ValueError, match=message):
+        invert(dict(graph, latent_image={"samples": samples}))
+
+
+def test_flow_models_are_refused_clearly(graph):
+    with pytest.raises(ValueError, match="flow-matching models"):
+        invert(dict(graph, model=FakeModel(graph["model"].mixture, kind="CONST")))
+
+
+def test_sampler_refuses_mismatched_runs(graph):
+    latent, inversion, sigmas = invert(graph, renoise_steps=1)
+    with pytest.raises(ValueError, match="latent being sampled has shape"):
+        replay(graph, {"samples": latent["samples"][:1]}, inversion, sigmas)
+    with pytest.raises(ValueError, match="Connect ReNoiseInvert's `sigmas` output"):
+        replay(graph, latent, inversion, fake_comfy.schedule(None, "simple", 6, 1.0))
+    with pytest.raises(ValueError, match="connect the `inversion` output"):
+        NODES["ReNoiseSampler"]().get_sampler({"noises": 1})
+
+
+def test_sampler_accepts_a_tail_of_the_schedule(graph):
+    latent, inversion, sigmas = invert(graph, renoise_steps=1)
+    replay(graph, latent, inversion, sigmas[1:])  # e.g. starting later: the noises are looked up by sigma
+
+
+def test_config_nodes():
+    (nc,) = NODES["NoiseCorrection"]().build("optimize", 10, 1.8)
+    assert nc == NoiseCorrectionSettings("optimize", 10, 1.8)
+    (el,) = NODES["EditLossConfig"]().build(20.0, 0.065, 4, 5, 4)
+    assert el == EditLossSettings()
+    with pytest.raises(ValueError, match="mode"):
+        NODES["NoiseCorrection"]().build("sometimes", 10, 1.8)
