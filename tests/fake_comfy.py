@@ -30,10 +30,13 @@ def conditioning(mixture, class_index: int | None):
 
 
 def scheduler_names() -> list[str]:
-    return ["simple", "normal"]
+    """ComfyUI 0.3.64's scheduler list."""
+    return ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"]
 
 
 def schedule(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    if scheduler != "simple":
+        raise NotImplementedError(f"the fake host only has the 'simple' scheduler, not {scheduler!r}")
     return denoise_schedule(lambda n: simple_schedule(TRAINING_SIGMAS, n), steps, denoise)
 
 

@@ -372,7 +372,101 @@ def scenario_checkpoint(workdir: Path) -> dict:
     return {"sd15_checkpoint": result}
 
 
-SCENARIOS = {"analytic": scenario_analytic, "checkpoint": scenario_checkpoint}
+def tiny_sdxl_unet_config() -> dict:
+    """SDXL's detected config (transformer depths [0, 0, 2, 2, 10, 10], adm 2816) with 320 channels at every level."""
+    return {
+        "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+        "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "channel_mult": [1, 1, 1], "transformer_depth_middle": 10,
+        "use_linear_in_transformer": True, "context_dim": 2048, "use_temporal_resblock": False, "use_temporal_attention": False,
+    }
+
+
+def write_checkpoint_with_comfyui(path: Path, model_config) -> None:
+    """Random weights for UNet, text encoders and VAE, converted to checkpoint format by ComfyUI's own saving code
+    (``state_dict_for_saving``, as the CheckpointSave node does) and stored in fp16."""
+    import comfy.ldm.models.autoencoder
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    model = model_config.get_model({}, device="cpu")
+    fill_random(model.diffusion_model, 1)
+    clip = comfy.sd.CLIP(target=model_config.clip_target(), embedding_directory=None)
+    fill_random(clip.cond_stage_model, 2)
+    vae_model = comfy.ldm.models.autoencoder.AutoencoderKL(
+        ddconfig={"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                  "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0},
+        embed_dim=4)
+    fill_random(vae_model, 3)
+    state = model.state_dict_for_saving(clip.get_sd(), vae_model.state_dict(), None)
+    save_file({k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}, str(path))
+
+
+def core_spec_mismatches() -> list[str]:
+    """The workflow generator's socket layout of ComfyUI's own nodes against their real INPUT_TYPES."""
+    sys.path.insert(0, str(PACK_DIR / "scripts"))
+    import make_workflows
+
+    problems = []
+    for type_, (inputs, outputs) in make_workflows.NODE_SPECS.items():
+        cls = nodes.NODE_CLASS_MAPPINGS.get(type_)
+        if cls is None:
+            problems.append(f"{type_}: not a node type in this ComfyUI")
+            continue
+        spec = cls.INPUT_TYPES()
+        real = []
+        for section in ("required", "optional"):
+            for name, (kind, *options) in spec.get(section, {}).items():
+                kind = str(getattr(kind, "value", kind))
+                widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN") or not kind.isupper()
+                real.append((name, "WIDGET" if widget else kind))
+        ours = [(name, "WIDGET" if kind in make_workflows.WIDGET_KINDS else kind) for name, kind in inputs]
+        if ours != real:
+            problems.append(f"{type_}: inputs {ours} != {real}")
+        if [t for _, t in outputs] != [str(getattr(t, "value", t)) for t in cls.RETURN_TYPES]:
+            problems.append(f"{type_}: outputs {outputs} != {cls.RETURN_TYPES}")
+    return problems
+
+
+def scenario_workflows(workdir: Path) -> dict:
+    """Every API workflow: ComfyUI's validate_prompt, then a full run on tiny random checkpoints written under the
+    workflows' file names. Images are scaled to 128 px instead of 512/1024 to keep CPU time low; the graphs are
+    otherwise run as shipped."""
+    import shutil
+
+    import comfy.supported_models as sm
+
+    sys.path.insert(0, str(PACK_DIR / "scripts"))
+    import make_workflows
+
+    results = {"core_spec_mismatches": core_spec_mismatches()}
+    checkpoints = workdir / "checkpoints"
+    write_checkpoint_with_comfyui(checkpoints / make_workflows.CHECKPOINTS["sd15"], sm.SD15(tiny_unet_config()))
+    sdxl = checkpoints / make_workflows.CHECKPOINTS["sdxl_base"]
+    write_checkpoint_with_comfyui(sdxl, sm.SDXL(tiny_sdxl_unet_config()))
+    shutil.copy(sdxl, checkpoints / make_workflows.CHECKPOINTS["sdxl_turbo"])
+    loras = workdir / "loras"
+    loras.mkdir(exist_ok=True)
+    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_input_blocks_4_1_proj_in.alpha": torch.tensor(1.0)}, str(loras / make_workflows.CHECKPOINTS["lcm_lora_sdxl"]))
+    shutil.copy(COMFYUI_PATH / "input" / "example.png", workdir / "input" / "example.png")
+
+    for name in make_workflows.WORKFLOWS:
+        prompt = json.loads((PACK_DIR / "workflows" / "api" / f"{name}.json").read_text())
+        for entry in prompt.values():
+            if entry["class_type"] == "ImageScale":
+                entry["inputs"].update(width=128, height=128)
+        before = set((workdir / "output").rglob("*.png"))
+        result = run_prompt(prompt)
+        result["saved"] = sorted(str(p.relative_to(workdir / "output")) for p in set((workdir / "output").rglob("*.png")) - before)
+        results[name] = result
+    return results
+
+
+SCENARIOS = {"analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows}
 
 
 def main() -> None:

@@ -110,3 +110,13 @@ def test_full_checkpoint_path_saves_an_image(tmp_path):
     """CheckpointLoaderSimple (tiny random SD1.5) -> VAEEncode -> ReNoiseInvert -> SamplerCustom -> VAEDecode -> SaveImage."""
     result = ok(run_scenario("checkpoint", tmp_path)["sd15_checkpoint"])
     assert result["saved"] and result["image_size"] == [128, 128]
+
+
+def test_every_api_workflow_validates_and_runs(tmp_path):
+    """validate_prompt, then a full run on tiny random checkpoints saved under the workflows' file names (about 4
+    minutes on 2 CPU cores: the SDXL text encoders are full size)."""
+    results = run_scenario("workflows", tmp_path)
+    assert results.pop("core_spec_mismatches") == []
+    assert {"sdxl_turbo_edit", "lcm_lora_edit", "sd15_ddim_edit", "sdxl_ddim_reconstruct"} <= set(results)
+    for name, result in results.items():
+        assert ok(result) and len(result["saved"]) == 2, (name, result)  # reconstruction and edit

@@ -1,0 +1,269 @@
+"""Writes the example workflows in ``workflows/``: each graph is defined once here and written twice, in ComfyUI's
+UI format (``NAME.json``, what artists drag into ComfyUI; the template browser lists it) and in the API format
+(``api/NAME.json``, for headless ``/prompt`` use; in a subfolder so the template browser does not list it). Run ``python scripts/make_workflows.py`` after changing a graph;
+``tests/test_workflows.py`` checks the files are what this script writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORKFLOWS_DIR = Path(__file__).resolve().parents[1] / "workflows"
+
+# Socket layout of every node type used: inputs in INPUT_TYPES order as (name, type), where type "WIDGET" is a
+# widget ("SEED" a widget followed by its control_after_generate value, "IMAGE_UPLOAD" one followed by the upload
+# button's value), and outputs as (name, type). Our nodes are checked against their INPUT_TYPES by the tests, the
+# core ones against a real ComfyUI by the integration tests.
+NODE_SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
+    "CheckpointLoaderSimple": ([("ckpt_name", "WIDGET")], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
+    "LoraLoader": ([("model", "MODEL"), ("clip", "CLIP"), ("lora_name", "WIDGET"), ("strength_model", "WIDGET"),
+                    ("strength_clip", "WIDGET")], [("MODEL", "MODEL"), ("CLIP", "CLIP")]),
+    "ModelSamplingDiscrete": ([("model", "MODEL"), ("sampling", "WIDGET"), ("zsnr", "WIDGET")], [("MODEL", "MODEL")]),
+    "CLIPTextEncode": ([("text", "WIDGET"), ("clip", "CLIP")], [("CONDITIONING", "CONDITIONING")]),
+    "LoadImage": ([("image", "IMAGE_UPLOAD")], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "ImageScale": ([("image", "IMAGE"), ("upscale_method", "WIDGET"), ("width", "WIDGET"), ("height", "WIDGET"),
+                    ("crop", "WIDGET")], [("IMAGE", "IMAGE")]),
+    "VAEEncode": ([("pixels", "IMAGE"), ("vae", "VAE")], [("LATENT", "LATENT")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "ImageBatch": ([("image1", "IMAGE"), ("image2", "IMAGE")], [("IMAGE", "IMAGE")]),
+    "SaveImage": ([("images", "IMAGE"), ("filename_prefix", "WIDGET")], []),
+    "KSamplerAdvanced": ([("model", "MODEL"), ("add_noise", "WIDGET"), ("noise_seed", "SEED"), ("steps", "WIDGET"),
+                          ("cfg", "WIDGET"), ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("positive", "CONDITIONING"),
+                          ("negative", "CONDITIONING"), ("latent_image", "LATENT"), ("start_at_step", "WIDGET"),
+                          ("end_at_step", "WIDGET"), ("return_with_leftover_noise", "WIDGET")], [("LATENT", "LATENT")]),
+    "SamplerCustom": ([("model", "MODEL"), ("add_noise", "WIDGET"), ("noise_seed", "SEED"), ("cfg", "WIDGET"),
+                       ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                       ("latent_image", "LATENT")], [("output", "LATENT"), ("denoised_output", "LATENT")]),
+    "ReNoiseInvert": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT"),
+                       ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("steps", "WIDGET"), ("denoise", "WIDGET"),
+                       ("cfg", "WIDGET"), ("renoise_steps", "WIDGET"), ("seed", "SEED"), ("edit_loss", "EDIT_LOSS_CONFIG"),
+                       ("noise_correction", "NOISE_CORRECTION"), ("sigmas", "SIGMAS"), ("average_start", "WIDGET"),
+                       ("first_step_below_timestep", "WIDGET"), ("first_step_renoise_steps", "WIDGET"),
+                       ("first_step_average_start", "WIDGET"), ("convergence_tol", "WIDGET"), ("eta", "WIDGET"),
+                       ("s_noise", "WIDGET")],
+                      [("latent", "LATENT"), ("inversion", "RENOISE_INVERSION"), ("sigmas", "SIGMAS")]),
+    "ReNoiseSampler": ([("inversion", "RENOISE_INVERSION")], [("SAMPLER", "SAMPLER")]),
+    "NoiseCorrection": ([("mode", "WIDGET"), ("steps", "WIDGET"), ("step_size", "WIDGET")], [("noise_correction", "NOISE_CORRECTION")]),
+    "EditLossConfig": ([("lambda_ac", "WIDGET"), ("lambda_kl", "WIDGET"), ("reg_steps", "WIDGET"), ("ac_rolls", "WIDGET"),
+                        ("patch_size", "WIDGET")], [("edit_loss", "EDIT_LOSS_CONFIG")]),
+}
+
+WIDGET_KINDS = ("WIDGET", "SEED", "IMAGE_UPLOAD")
+
+#: ReNoiseInvert's optional widgets at their defaults (the paper's settings)
+RENOISE_DEFAULTS = {"average_start": 8, "first_step_below_timestep": 250, "first_step_renoise_steps": 4,
+                    "first_step_average_start": 0, "convergence_tol": 0.0, "eta": 1.0, "s_noise": 1.0}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    values: dict = field(default_factory=dict)  # widget name -> value, socket name -> (Node, output name)
+    title: str | None = None
+
+
+class Graph:
+    def __init__(self):
+        self.nodes: list[Node] = []
+
+    def add(self, type_: str, pos: tuple[int, int], title: str | None = None, **values) -> Node:
+        inputs = dict(NODE_SPECS[type_][0])
+        unknown = set(values) - set(inputs)
+        if unknown:
+            raise KeyError(f"{type_} has no input(s) {sorted(unknown)}")
+        node = Node(len(self.nodes) + 1, type_, pos, values, title)
+        self.nodes.append(node)
+        return node
+
+    # --- API format ---
+    def api(self) -> dict:
+        prompt = {}
+        for node in self.nodes:
+            inputs = {}
+            for name, kind in NODE_SPECS[node.type][0]:
+                if name not in node.values:
+                    continue
+                value = node.values[name]
+                if kind in WIDGET_KINDS:
+                    inputs[name] = value
+                else:
+                    source, output = value
+                    inputs[name] = [str(source.id), _output_index(source, output)]
+            prompt[str(node.id)] = {"class_type": node.type, "inputs": inputs, "_meta": {"title": node.title or node.type}}
+        return prompt
+
+    # --- UI format ---
+    def ui(self) -> dict:
+        links = []
+        outgoing: dict[tuple[int, int], list[int]] = {}
+        ui_nodes = []
+        for order, node in enumerate(self.nodes):
+            inputs, widgets_values = [], []
+            for name, kind in NODE_SPECS[node.type][0]:
+                if kind in WIDGET_KINDS:
+                    if name not in node.values:
+                        raise KeyError(f"{node.type} #{node.id}: widget {name!r} needs a value in the UI format")
+                    widgets_values.append(node.values[name])
+                    if kind == "SEED":
+                        widgets_values.append("fixed")
+                    elif kind == "IMAGE_UPLOAD":
+                        widgets_values.append("image")
+                    continue
+                link_id = None
+                if name in node.values:
+                    source, output = node.values[name]
+                    slot = _output_index(source, output)
+                    link_id = len(links) + 1
+                    links.append([link_id, source.id, slot, node.id, len(inputs), kind])
+                    outgoing.setdefault((source.id, slot), []).append(link_id)
+                inputs.append({"name": name, "type": kind, "link": link_id})
+            ui_nodes.append({"id": node.id, "type": node.type, "pos": list(node.pos), "size": [_width(node), _height(node)],
+                             "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": [],
+                             "properties": {"Node name for S&R": node.type}, "widgets_values": widgets_values})
+            if node.title:
+                ui_nodes[-1]["title"] = node.title
+        for ui_node, node in zip(ui_nodes, self.nodes):
+            ui_node["outputs"] = [{"name": name, "type": type_, "links": outgoing.get((node.id, slot), []), "slot_index": slot}
+                                  for slot, (name, type_) in enumerate(NODE_SPECS[node.type][1])]
+        return {"last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
+
+
+def _output_index(node: Node, output: str) -> int:
+    names = [name for name, _ in NODE_SPECS[node.type][1]]
+    return names.index(output)
+
+
+def _width(node: Node) -> int:
+    return 360 if node.type in ("CLIPTextEncode", "ReNoiseInvert") else 300
+
+
+def _height(node: Node) -> int:
+    rows = len(NODE_SPECS[node.type][0]) + len(NODE_SPECS[node.type][1])
+    return 120 if node.type == "CLIPTextEncode" else 30 + 24 * rows
+
+
+# --- the workflows ----------------------------------------------------------------------------------------------
+
+SOURCE = "a photo of a cat sitting on a wooden bench"
+TARGET = "a photo of a dog sitting on a wooden bench"
+
+
+def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, scheduler: str, steps: int,
+                       renoise_steps: int, edit_cfg: float, edit_loss=None, noise_correction=None,
+                       continue_with: str = "samplercustom", prefix: str, x0: int = 0) -> None:
+    """Load -> scale -> encode -> ReNoiseInvert, then the edit and the reconstruction side by side."""
+    image = g.add("LoadImage", (x0, 500), image="example.png")
+    scaled = g.add("ImageScale", (x0, 860), image=(image, "IMAGE"), upscale_method="lanczos", width=size, height=size,
+                   crop="center")
+    latent = g.add("VAEEncode", (x0 + 340, 860), pixels=(scaled, "IMAGE"), vae=vae)
+    source = g.add("CLIPTextEncode", (x0 + 340, 40), title="Source prompt (describe the photo)", text=SOURCE, clip=clip)
+    target = g.add("CLIPTextEncode", (x0 + 340, 200), title="Target prompt (the edit)", text=TARGET, clip=clip)
+    negative = g.add("CLIPTextEncode", (x0 + 340, 360), title="Negative prompt", text="", clip=clip)
+    extra = {}
+    if edit_loss is not None:
+        extra["edit_loss"] = (g.add("EditLossConfig", (x0 + 340, 1000), **edit_loss), "edit_loss")
+    if noise_correction is not None:
+        extra["noise_correction"] = (g.add("NoiseCorrection", (x0 + 340, 1220), **noise_correction), "noise_correction")
+    invert = g.add("ReNoiseInvert", (x0 + 760, 300), model=model, positive=(source, "CONDITIONING"),
+                   negative=(negative, "CONDITIONING"), latent_image=(latent, "LATENT"), sampler_name=sampler,
+                   scheduler=scheduler, steps=steps, denoise=1.0, cfg=1.0, renoise_steps=renoise_steps, seed=7865,
+                   **extra, **RENOISE_DEFAULTS)
+    decoded = []
+    for row, (name, prompt, cfg) in enumerate((("Reconstruction (source prompt)", source, 1.0), ("Edit (target prompt)", target, edit_cfg))):
+        if continue_with == "ksampleradvanced":
+            out = g.add("KSamplerAdvanced", (x0 + 1180, 40 + 520 * row), title=name, model=model, add_noise="disable",
+                        noise_seed=0, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler,
+                        positive=(prompt, "CONDITIONING"), negative=(negative, "CONDITIONING"),
+                        latent_image=(invert, "latent"), start_at_step=0, end_at_step=10000, return_with_leftover_noise="disable")
+            out_name = "LATENT"
+        else:
+            if row == 0:
+                replay = g.add("ReNoiseSampler", (x0 + 1180, 620), inversion=(invert, "inversion"))
+            out = g.add("SamplerCustom", (x0 + 1500, 40 + 520 * row), title=name, model=model, add_noise=False, noise_seed=0,
+                        cfg=cfg, positive=(prompt, "CONDITIONING"), negative=(negative, "CONDITIONING"),
+                        sampler=(replay, "SAMPLER"), sigmas=(invert, "sigmas"), latent_image=(invert, "latent"))
+            out_name = "output"
+        decoded.append(g.add("VAEDecode", (x0 + 1860, 200 + 300 * row), samples=(out, out_name), vae=vae))
+    both = g.add("ImageBatch", (x0 + 2100, 300), title="Reconstruction | Edit", image1=(decoded[0], "IMAGE"),
+                 image2=(decoded[1], "IMAGE"))
+    g.add("SaveImage", (x0 + 2400, 300), images=(both, "IMAGE"), filename_prefix=prefix)
+
+
+EDIT_LOSS_DEFAULTS = {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4, "ac_rolls": 5, "patch_size": 4}
+NOISE_CORRECTION_DEFAULTS = {"mode": "optimize", "steps": 10, "step_size": 1.8}
+
+CHECKPOINTS = {
+    "sdxl_turbo": "sd_xl_turbo_1.0_fp16.safetensors",
+    "sdxl_base": "sd_xl_base_1.0.safetensors",
+    "sd15": "v1-5-pruned-emaonly.safetensors",
+    "lcm_lora_sdxl": "lcm-lora-sdxl.safetensors",
+}
+
+
+def sdxl_turbo_edit() -> Graph:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (-380, 300), ckpt_name=CHECKPOINTS["sdxl_turbo"])
+    inversion_and_edit(g, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), size=512, sampler="euler_ancestral",
+                       scheduler="simple", steps=4, renoise_steps=9, edit_cfg=1.0, edit_loss=EDIT_LOSS_DEFAULTS,
+                       noise_correction=NOISE_CORRECTION_DEFAULTS, prefix="renoise/sdxl_turbo_edit")
+    return g
+
+
+def lcm_lora_edit() -> Graph:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (-760, 300), ckpt_name=CHECKPOINTS["sdxl_base"])
+    lora = g.add("LoraLoader", (-760, 480), model=(ckpt, "MODEL"), clip=(ckpt, "CLIP"), lora_name=CHECKPOINTS["lcm_lora_sdxl"],
+                 strength_model=1.0, strength_clip=1.0)
+    lcm = g.add("ModelSamplingDiscrete", (-380, 480), model=(lora, "MODEL"), sampling="lcm", zsnr=False)
+    inversion_and_edit(g, (lcm, "MODEL"), (lora, "CLIP"), (ckpt, "VAE"), size=1024, sampler="lcm", scheduler="simple",
+                       steps=4, renoise_steps=9, edit_cfg=1.0, noise_correction=NOISE_CORRECTION_DEFAULTS,
+                       prefix="renoise/lcm_lora_edit")
+    return g
+
+
+def sd15_ddim_edit() -> Graph:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (-380, 300), ckpt_name=CHECKPOINTS["sd15"])
+    inversion_and_edit(g, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), size=512, sampler="ddim", scheduler="ddim_uniform",
+                       steps=50, renoise_steps=1, edit_cfg=4.0, continue_with="ksampleradvanced", prefix="renoise/sd15_ddim_edit")
+    return g
+
+
+def sdxl_ddim_reconstruct() -> Graph:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (-380, 300), ckpt_name=CHECKPOINTS["sdxl_base"])
+    inversion_and_edit(g, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), size=1024, sampler="ddim", scheduler="ddim_uniform",
+                       steps=50, renoise_steps=1, edit_cfg=2.0, continue_with="ksampleradvanced",
+                       prefix="renoise/sdxl_ddim_reconstruct")
+    return g
+
+
+WORKFLOWS = {
+    "sdxl_turbo_edit": sdxl_turbo_edit,
+    "lcm_lora_edit": lcm_lora_edit,
+    "sd15_ddim_edit": sd15_ddim_edit,
+    "sdxl_ddim_reconstruct": sdxl_ddim_reconstruct,
+}
+
+
+def render(name: str) -> dict[str, str]:
+    """File name -> text, for one workflow."""
+    graph = WORKFLOWS[name]()
+    return {f"{name}.json": json.dumps(graph.ui(), indent=1) + "\n", f"api/{name}.json": json.dumps(graph.api(), indent=1) + "\n"}
+
+
+def main() -> None:
+    (WORKFLOWS_DIR / "api").mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOWS:
+        for filename, text in render(name).items():
+            (WORKFLOWS_DIR / filename).write_text(text)
+            print(f"wrote workflows/{filename}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The example workflows: parse, are what scripts/make_workflows.py writes, links type-check, our nodes' widget
+values match their INPUT_TYPES, and the UI and API copies agree. (Against a real ComfyUI: tests/integration.)"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import fake_comfy
+import pytest
+from renoise_pack.nodes import renoise_nodes
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+spec = importlib.util.spec_from_file_location("make_workflows", ROOT / "scripts" / "make_workflows.py")
+make_workflows = importlib.util.module_from_spec(spec)
+sys.modules["make_workflows"] = make_workflows  # dataclasses look their module up
+spec.loader.exec_module(make_workflows)
+
+NAMES = sorted(make_workflows.WORKFLOWS)
+CORE_NODE_TYPES = {"CheckpointLoaderSimple", "LoraLoader", "ModelSamplingDiscrete", "CLIPTextEncode", "LoadImage", "ImageScale",
+                   "VAEEncode", "VAEDecode", "ImageBatch", "SaveImage", "KSamplerAdvanced", "SamplerCustom"}
+WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
+
+
+@pytest.fixture(autouse=True)
+def fake_host(monkeypatch):
+    monkeypatch.setattr(renoise_nodes, "_host", lambda: fake_comfy)
+
+
+def load(name):
+    return json.loads((WORKFLOWS / f"{name}.json").read_text()), json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def test_the_required_workflows_exist():
+    assert {"sdxl_turbo_edit", "lcm_lora_edit", "sd15_ddim_edit", "sdxl_ddim_reconstruct"} <= set(NAMES)
+    assert sorted(p.stem for p in WORKFLOWS.glob("*.json")) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_files_are_what_the_generator_writes(name):
+    for filename, text in make_workflows.render(name).items():
+        assert (WORKFLOWS / filename).read_text() == text, f"run python scripts/make_workflows.py ({filename} is stale)"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_node_types_exist(name):
+    ui, _ = load(name)
+    for node in ui["nodes"]:
+        assert node["type"] in renoise_nodes.NODE_CLASS_MAPPINGS or node["type"] in CORE_NODE_TYPES, node["type"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_links_match_socket_types(name):
+    ui, _ = load(name)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    for link_id, src, src_slot, dst, dst_slot, type_ in ui["links"]:
+        output = nodes[src]["outputs"][src_slot]
+        target = nodes[dst]["inputs"][dst_slot]
+        assert output["type"] == target["type"] == type_, (link_id, output, target)
+        assert link_id in output["links"] and target["link"] == link_id
+    for node in ui["nodes"]:
+        for socket in node["inputs"]:
+            if socket["link"] is None:
+                continue
+            assert any(link[0] == socket["link"] for link in ui["links"])
+
+
+def _widget_inputs(cls):
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, (kind, *options) in spec.get(section, {}).items():
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                yield name, kind, (options[0] if options else {})
+
+
+def test_generator_specs_of_our_nodes_match_input_types():
+    for type_, cls in renoise_nodes.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        declared = [(name, kind if isinstance(kind, str) and kind not in WIDGET_TYPES else "WIDGET")
+                    for section in ("required", "optional") for name, (kind, *_) in spec.get(section, {}).items()]
+        generator = [(name, "WIDGET" if kind in make_workflows.WIDGET_KINDS else kind) for name, kind in make_workflows.NODE_SPECS[type_][0]]
+        assert generator == declared, type_
+        assert [t for _, t in make_workflows.NODE_SPECS[type_][1]] == list(cls.RETURN_TYPES), type_
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_our_widget_values_match_input_types(name):
+    ui, _ = load(name)
+    for node in ui["nodes"]:
+        cls = renoise_nodes.NODE_CLASS_MAPPINGS.get(node["type"])
+        if cls is None:
+            continue
+        values = list(node["widgets_values"])
+        for widget, kind, options in _widget_inputs(cls):
+            value = values.pop(0)
+            if isinstance(kind, list):
+                assert value in kind, (node["type"], widget, value)
+            else:
+                assert isinstance(value, WIDGET_TYPES[kind]) and not (kind != "BOOLEAN" and isinstance(value, bool)), (widget, value)
+                assert options.get("min", value) <= value <= options.get("max", value), (widget, value)
+            if options.get("control_after_generate"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize"), widget
+        assert values == [], (node["type"], "extra widget values", values)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_copies_agree(name):
+    ui, api = load(name)
+    assert {str(n["id"]) for n in ui["nodes"]} == set(api)
+    links = {link[0]: link for link in ui["links"]}
+    for node in ui["nodes"]:
+        entry = api[str(node["id"])]
+        assert entry["class_type"] == node["type"]
+        specs = make_workflows.NODE_SPECS[node["type"]][0]
+        values = list(node["widgets_values"])
+        for input_name, kind in specs:
+            if kind in make_workflows.WIDGET_KINDS:
+                assert entry["inputs"][input_name] == values.pop(0), (name, node["type"], input_name)
+                if kind != "WIDGET":
+                    values.pop(0)
+        for socket in node["inputs"]:
+            if socket["link"] is None:
+                assert socket["name"] not in entry["inputs"]
+            else:
+                _, src, slot, _, _, _ = links[socket["link"]]
+                assert entry["inputs"][socket["name"]] == [str(src), slot]
+
+
+def test_turbo_workflow_uses_the_reference_defaults():
+    _, api = load("sdxl_turbo_edit")
+    by_type = {entry["class_type"]: entry["inputs"] for entry in api.values()}
+    invert = by_type["ReNoiseInvert"]
+    assert (invert["sampler_name"], invert["scheduler"], invert["steps"], invert["renoise_steps"], invert["cfg"]) == \
+        ("euler_ancestral", "simple", 4, 9, 1.0)
+    assert by_type["EditLossConfig"] == {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4, "ac_rolls": 5, "patch_size": 4}
+    assert by_type["NoiseCorrection"] == {"mode": "optimize", "steps": 10, "step_size": 1.8}
+    assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "sd_xl_turbo_1.0_fp16.safetensors"
