@@ -1,7 +1,8 @@
 """Writes the example workflows in ``workflows/``: each graph is defined once here and written twice, in ComfyUI's
 UI format (``NAME.json``, what artists drag into ComfyUI; the template browser lists it) and in the API format
-(``api/NAME.json``, for headless ``/prompt`` use; in a subfolder so the template browser does not list it). Run ``python scripts/make_workflows.py`` after changing a graph;
-``tests/test_workflows.py`` checks the files are what this script writes.
+(``api/NAME.json``, for headless ``/prompt`` use; in a subfolder so the template browser does not list it).
+Run ``python scripts/make_workflows.py`` after changing a graph; ``tests/test_workflows.py`` checks the files are
+what this script writes.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, s
                    scheduler=scheduler, steps=steps, denoise=1.0, cfg=1.0, renoise_steps=renoise_steps, seed=7865,
                    **extra, **RENOISE_DEFAULTS)
     decoded = []
-    for row, (name, prompt, cfg) in enumerate((("Reconstruction (source prompt)", source, 1.0), ("Edit (target prompt)", target, edit_cfg))):
+    branches = (("Reconstruction (source prompt)", source, 1.0), ("Edit (target prompt)", target, edit_cfg))
+    for row, (name, prompt, cfg) in enumerate(branches):
         if continue_with == "ksampleradvanced":
             out = g.add("KSamplerAdvanced", (x0 + 1180, 40 + 520 * row), title=name, model=model, add_noise="disable",
                         noise_seed=0, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler,

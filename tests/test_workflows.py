@@ -79,7 +79,8 @@ def test_generator_specs_of_our_nodes_match_input_types():
         spec = cls.INPUT_TYPES()
         declared = [(name, kind if isinstance(kind, str) and kind not in WIDGET_TYPES else "WIDGET")
                     for section in ("required", "optional") for name, (kind, *_) in spec.get(section, {}).items()]
-        generator = [(name, "WIDGET" if kind in make_workflows.WIDGET_KINDS else kind) for name, kind in make_workflows.NODE_SPECS[type_][0]]
+        generator = [(name, "WIDGET" if kind in make_workflows.WIDGET_KINDS else kind)
+                     for name, kind in make_workflows.NODE_SPECS[type_][0]]
         assert generator == declared, type_
         assert [t for _, t in make_workflows.NODE_SPECS[type_][1]] == list(cls.RETURN_TYPES), type_
 

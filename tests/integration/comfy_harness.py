@@ -417,10 +417,12 @@ def core_spec_mismatches() -> list[str]:
         spec = cls.INPUT_TYPES()
         real = []
         for section in ("required", "optional"):
-            for name, (kind, *options) in spec.get(section, {}).items():
+            for name, (kind, *_) in spec.get(section, {}).items():
+                if isinstance(kind, list) or str(kind) == "COMBO":
+                    real.append((name, "WIDGET"))
+                    continue
                 kind = str(getattr(kind, "value", kind))
-                widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN") or not kind.isupper()
-                real.append((name, "WIDGET" if widget else kind))
+                real.append((name, "WIDGET" if kind in ("INT", "FLOAT", "STRING", "BOOLEAN") else kind))
         ours = [(name, "WIDGET" if kind in make_workflows.WIDGET_KINDS else kind) for name, kind in inputs]
         if ours != real:
             problems.append(f"{type_}: inputs {ours} != {real}")
