@@ -1,5 +1,24 @@
 """ComfyUI nodes of the ReNoise pack."""
 
-from .renoise_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .file_nodes import ReNoiseLoadInversion, ReNoiseSaveInversion
+from .renoise_nodes import EditLossConfig, NoiseCorrection, ReNoiseInvert, ReNoiseSampler
+
+NODE_CLASS_MAPPINGS = {
+    "ReNoiseInvert": ReNoiseInvert,
+    "ReNoiseSampler": ReNoiseSampler,
+    "NoiseCorrection": NoiseCorrection,
+    "EditLossConfig": EditLossConfig,
+    "ReNoiseSaveInversion": ReNoiseSaveInversion,
+    "ReNoiseLoadInversion": ReNoiseLoadInversion,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ReNoiseInvert": "ReNoise Invert",
+    "ReNoiseSampler": "ReNoise Sampler (replay noises)",
+    "NoiseCorrection": "ReNoise Noise Correction",
+    "EditLossConfig": "ReNoise Edit Loss Config",
+    "ReNoiseSaveInversion": "ReNoise Save Inversion",
+    "ReNoiseLoadInversion": "ReNoise Load Inversion",
+}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -14,6 +14,7 @@ import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import folder_paths
 import torch
 from torch import Tensor
 
@@ -53,6 +54,11 @@ def model_sampling_kind(model) -> str:
     return kind
 
 
+def model_family(model) -> str:
+    """ComfyUI's model config class name (``"SD15"``, ``"SDXL"``, ``"SDXLRefiner"``, ...)."""
+    return type(model.model.model_config).__name__
+
+
 def run_inversion(model, positive, negative, cfg: float, latent: dict, sigmas: Tensor, function: InversionFunction, seed: int) -> Tensor:
     """Run ``function`` as a sampler through ComfyUI's own CFGGuider, so the model is loaded and patched the
     ComfyUI way and CFG, ControlNet, LoRA, hooks and model patches all apply. Returns the latent ``function``
@@ -80,19 +86,35 @@ def run_inversion(model, positive, negative, cfg: float, latent: dict, sigmas: T
     return samples.to(comfy.model_management.intermediate_device())
 
 
-def replaying_sampler(sampler_name: str, options: dict, prepare_run: Callable[[Tensor, Tensor], Callable | None]):
+def replaying_sampler(sampler_name: str, options: dict, prepare_run: Callable[[Tensor, Tensor, str], Callable | None]):
     """A stock ComfyUI SAMPLER (``sampler_object(sampler_name)``) whose k-diffusion function gets, per run,
-    the ``noise_sampler`` returned by ``prepare_run(x, sigmas)`` (which validates the run and may raise)."""
+    the ``noise_sampler`` returned by ``prepare_run(x, sigmas, model_family)`` (which validates the run and may raise)."""
     stock = comfy.samplers.sampler_object(sampler_name)
     stock_function = stock.sampler_function
 
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **extra_options):
-        noise_sampler = prepare_run(x, sigmas)
+        base_model = model_k.inner_model.inner_model  # KSamplerX0Inpaint -> CFGGuider -> BaseModel
+        noise_sampler = prepare_run(x, sigmas, type(base_model.model_config).__name__)
         if noise_sampler is not None:
             extra_options["noise_sampler"] = noise_sampler
         return stock_function(model_k, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **extra_options)
 
     return comfy.samplers.KSAMPLER(sampler_function, {**stock.extra_options, **options}, stock.inpaint_options)
+
+
+def output_directory() -> str:
+    return folder_paths.get_output_directory()
+
+
+def input_directory() -> str:
+    return folder_paths.get_input_directory()
+
+
+def save_path(filename_prefix: str) -> tuple[str, str, int, str]:
+    """SaveLatent's naming: ``(folder, filename, counter, subfolder)`` under the output directory; raises for a
+    prefix that leaves it."""
+    folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder_paths.get_output_directory())
+    return folder, filename, counter, subfolder
 
 
 def intermediate_device() -> torch.device:

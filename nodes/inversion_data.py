@@ -33,6 +33,8 @@ class InversionData:
     sampler_name: the ComfyUI sampler name the inversion used (euler, ddim, euler_ancestral, lcm, ddpm).
     sampler_options: keyword options of that sampler (eta, s_noise for euler_ancestral).
     model_sampling: the model's sampling kind, e.g. ``"EPS"``, ``"V_PREDICTION"``, ``"EPS+LCM"``.
+    model_family: ComfyUI's model config name (``"SD15"``, ``"SDXL"``, ...), checked when sampling.
+    settings: the inversion settings, JSON-compatible (saved with the inversion).
     """
 
     noises: Tensor
@@ -40,6 +42,7 @@ class InversionData:
     sampler_name: str
     sampler_options: dict[str, float]
     model_sampling: str
+    model_family: str
     seed: int
     method: str = "renoise"
     settings: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +81,14 @@ def check_latent_shape(shape: tuple[int, ...], inversion: InversionData) -> None
             f"ReNoiseSampler: the latent being sampled has shape {list(shape)} but the inversion was made for "
             f"{list(inversion.latent_shape)} (batch, channels, height/8, width/8). Connect ReNoiseInvert's `latent` "
             "output (or a latent of the same size and batch) to SamplerCustom's latent_image."
+        )
+
+
+def check_model_family(model_family: str, inversion: InversionData) -> None:
+    if inversion.model_family and model_family and model_family != inversion.model_family:
+        raise ValueError(
+            f"ReNoiseSampler: this inversion was made with a {inversion.model_family} model but is being sampled with a "
+            f"{model_family} model. Sample with the model you inverted with (or invert again with this one)."
         )
 
 

@@ -1,10 +1,12 @@
 """ComfyUI nodes for ReNoise inversion. Thin: each node translates widgets into one call of ``renoise_core``.
 
-ComfyUI itself is reached only through ``comfy_bridge`` (see ``_host``), so these classes load and are tested
-without ComfyUI.
+ComfyUI itself is reached only through ``comfy_bridge`` (see ``host.bridge``), so these classes load and are
+tested without ComfyUI.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -12,12 +14,14 @@ from ..renoise_core import EditLossConfig as EditLossSettings
 from ..renoise_core import NoiseCorrectionConfig as NoiseCorrectionSettings
 from ..renoise_core import ReNoiseConfig, check_sigmas, invert, item_seeds, make_steps, planned_denoiser_calls
 from ..renoise_core.inversion import NOISE_CORRECTION_MODES
+from . import host
 from .inversion_data import (
     EDIT_LOSS_TYPE,
     INVERSION_TYPE,
     NOISE_CORRECTION_TYPE,
     InversionData,
     check_latent_shape,
+    check_model_family,
     match_schedule,
     noise_replay,
 )
@@ -26,13 +30,7 @@ CATEGORY = "sampling/renoise"
 #: samplers with an exact affine inverse (ComfyUI names)
 INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def _host():
-    """The ComfyUI bridge, imported on first use so this module loads without ComfyUI (tests replace it)."""
-    from . import comfy_bridge
-
-    return comfy_bridge
+MAX_STEPS = 1000
 
 
 class ReNoiseInvert:
@@ -62,9 +60,9 @@ class ReNoiseInvert:
                 "latent_image": ("LATENT", {"tooltip": "The VAE-encoded image to invert."}),
                 "sampler_name": (INVERTIBLE_SAMPLERS, {"default": "euler_ancestral",
                                  "tooltip": "The sampler to invert (and later sample) with. ddim is ComfyUI's ddim (= euler)."}),
-                "scheduler": (_host().scheduler_names(), {"default": "simple",
+                "scheduler": (host.bridge().scheduler_names(), {"default": "simple",
                               "tooltip": "Scheduler for the schedule. 'simple' gives ReNoise's SDXL-Turbo timesteps 999/749/499/249."}),
-                "steps": ("INT", {"default": 4, "min": 1, "max": 1000, "tooltip": "Sampling steps (4 for Turbo/LCM, 50 for SD1.5/SDXL)."}),
+                "steps": ("INT", {"default": 4, "min": 1, "max": MAX_STEPS, "tooltip": "Sampling steps (4 for Turbo/LCM, 50 for SD1.5/SDXL)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                             "tooltip": "Invert only part of the way (img2img strength): less noise, edits stay closer to the input."}),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
@@ -95,19 +93,21 @@ class ReNoiseInvert:
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, renoise_steps, seed,
                edit_loss=None, noise_correction=None, sigmas=None, average_start=8, first_step_below_timestep=250,
                first_step_renoise_steps=4, first_step_average_start=0, convergence_tol=0.0, eta=1.0, s_noise=1.0):
-        host = _host()
-        model_sampling = host.model_sampling_kind(model)
+        bridge = host.bridge()
+        model_sampling = bridge.model_sampling_kind(model)
         if model_sampling.startswith("CONST"):
             raise ValueError("ReNoiseInvert: flow-matching models (SD3, Flux; CONST model sampling) are not supported yet.")
         if sampler_name not in INVERTIBLE_SAMPLERS:
             raise ValueError(f"ReNoiseInvert: sampler_name must be one of {INVERTIBLE_SAMPLERS}, got {sampler_name!r}")
         samples = _latent_samples(latent_image, "ReNoiseInvert")
+        _check_conditioning_batch(positive, "positive", samples.shape[0])
+        _check_conditioning_batch(negative, "negative", samples.shape[0])
         if sigmas is None:
-            if steps < 1:
-                raise ValueError(f"ReNoiseInvert: steps must be >= 1, got {steps}")
+            if not 1 <= steps <= MAX_STEPS:
+                raise ValueError(f"ReNoiseInvert: steps must be between 1 and {MAX_STEPS}, got {steps}")
             if not 0.0 < denoise <= 1.0:
                 raise ValueError(f"ReNoiseInvert: denoise must be in (0, 1], got {denoise}; 0 would invert nothing")
-            sigmas = host.schedule(model, scheduler, steps, denoise)
+            sigmas = bridge.schedule(model, scheduler, steps, denoise)
         schedule = _checked_schedule(sigmas)
 
         config = ReNoiseConfig(
@@ -115,7 +115,7 @@ class ReNoiseInvert:
             average_start=average_start,
             early_renoise_steps=first_step_renoise_steps,
             early_average_start=first_step_average_start,
-            early_below_sigma=host.sigma_at_timestep(model, first_step_below_timestep) if first_step_below_timestep > 0 else None,
+            early_below_sigma=bridge.sigma_at_timestep(model, first_step_below_timestep) if first_step_below_timestep > 0 else None,
             convergence_tol=convergence_tol if convergence_tol > 0 else None,
             edit_loss=edit_loss,
             noise_correction=noise_correction,
@@ -124,7 +124,7 @@ class ReNoiseInvert:
         seeds = item_seeds(seed, latent_image.get("batch_index", samples.shape[0]))
         if len(seeds) != samples.shape[0]:
             raise ValueError(f"ReNoiseInvert: the latent's batch_index has {len(seeds)} entries for a batch of {samples.shape[0]}.")
-        progress = host.Progress(planned_denoiser_calls(schedule, sampler_name, config, **options))
+        progress = bridge.Progress(planned_denoiser_calls(schedule, sampler_name, config, **options))
         results = []
 
         def run(denoiser, x0, sigmas_descending):
@@ -133,20 +133,22 @@ class ReNoiseInvert:
             results.append(inversion)
             return inversion.latent
 
-        latent_out = host.run_inversion(model, positive, negative, cfg, latent_image, schedule, run, seed)
+        latent_out = bridge.run_inversion(model, positive, negative, cfg, latent_image, schedule, run, seed)
         inversion = results[-1]
         data = InversionData(
-            noises=inversion.noises.to(device=host.intermediate_device(), dtype=torch.float32),
+            noises=inversion.noises.to(device=bridge.intermediate_device(), dtype=torch.float32),
             sigmas=schedule,
             sampler_name=sampler_name,
             sampler_options=options,
             model_sampling=model_sampling,
+            model_family=bridge.model_family(model),
             seed=seed,
             method="renoise",
             settings={"cfg": cfg, "renoise_steps": renoise_steps, "average_start": average_start,
                       "first_step_below_timestep": first_step_below_timestep, "first_step_renoise_steps": first_step_renoise_steps,
                       "first_step_average_start": first_step_average_start, "convergence_tol": convergence_tol,
-                      "edit_loss": edit_loss, "noise_correction": noise_correction},
+                      "edit_loss": dataclasses.asdict(edit_loss) if edit_loss else None,
+                      "noise_correction": dataclasses.asdict(noise_correction) if noise_correction else None},
             diagnostics=inversion.steps,
             denoiser_calls=inversion.denoiser_calls,
         )
@@ -174,14 +176,15 @@ class ReNoiseSampler:
         if not isinstance(inversion, InversionData):
             raise ValueError("ReNoiseSampler: connect the `inversion` output of ReNoiseInvert.")
 
-        def prepare_run(x, sigmas):
+        def prepare_run(x, sigmas, model_family):
+            check_model_family(model_family, inversion)
             check_latent_shape(tuple(x.shape), inversion)
             schedule = sigmas.tolist()
             start = match_schedule(schedule, inversion.sigmas.tolist())
             steps = make_steps(inversion.sampler_name, schedule, **inversion.sampler_options)
             return noise_replay(inversion, start, x) if any(step.is_stochastic for step in steps) else None
 
-        return (_host().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run),)
+        return (host.bridge().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run),)
 
 
 class NoiseCorrection:
@@ -252,6 +255,17 @@ def _latent_samples(latent, node: str) -> torch.Tensor:
     return samples
 
 
+def _check_conditioning_batch(conditioning, name: str, batch: int) -> None:
+    """One prompt for the whole batch, or one per image: anything else would pair prompts and images wrongly."""
+    for entry in conditioning:
+        prompts = entry[0].shape[0] if isinstance(entry, (list, tuple)) and isinstance(entry[0], torch.Tensor) else 1
+        if prompts not in (1, batch):
+            raise ValueError(
+                f"ReNoiseInvert: `{name}` holds {prompts} prompts but the latent has {batch} images; "
+                "use one prompt for all images or exactly one per image."
+            )
+
+
 def _checked_schedule(sigmas) -> torch.Tensor:
     try:
         values = check_sigmas(sigmas)
@@ -260,16 +274,3 @@ def _checked_schedule(sigmas) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-NODE_CLASS_MAPPINGS = {
-    "ReNoiseInvert": ReNoiseInvert,
-    "ReNoiseSampler": ReNoiseSampler,
-    "NoiseCorrection": NoiseCorrection,
-    "EditLossConfig": EditLossConfig,
-}
-
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ReNoiseInvert": "ReNoise Invert",
-    "ReNoiseSampler": "ReNoise Sampler (replay noises)",
-    "NoiseCorrection": "ReNoise Noise Correction",
-    "EditLossConfig": "ReNoise Edit Loss Config",
-}

@@ -35,6 +35,8 @@ During inversion with edit losses the first evaluation of each step is made on a
 """
 
 NOISE_CORRECTION_MODES = ("optimize", "exact")
+#: smallest latent side the edit losses are defined for (the pair loss's pyramid stops at 8)
+MIN_EDIT_LOSS_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,11 @@ def invert(
     x0 = x0.to(dtype)
 
     edit = config.edit_loss if config.edits() else None
+    if edit is not None and min(x0.shape[2:]) < MIN_EDIT_LOSS_SIZE:
+        raise ValueError(
+            f"edit losses need a latent of at least {MIN_EDIT_LOSS_SIZE}x{MIN_EDIT_LOSS_SIZE} (images of 64 px and more), "
+            f"got {tuple(x0.shape[2:])}; disconnect the edit losses for such small images"
+        )
     rolls = _draw_all_rolls(steps, config, x0.shape, seeds, device) if edit is not None and edit.lambda_ac > 0 else None
     calls = 0
 
@@ -307,6 +314,10 @@ def invert(
         if keep_trajectory:
             trajectory.append(x)
 
+    if not bool(torch.isfinite(x).all()):  # one check at the end, not in the loop
+        raise FloatingPointError(
+            "the inversion diverged (NaN or Inf); lower the edit-loss weights (lambda_ac, lambda_kl) or renoise_steps"
+        )
     # Diagnostics were kept on the device; one transfer at the end.
     diagnostics = [
         StepDiagnostics(d.sigma, d.sigma_next, d.evaluations, d.denoiser_calls, d.change_norms.cpu(), d.relative_changes.cpu())

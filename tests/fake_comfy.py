@@ -7,6 +7,8 @@ unconditional predictions on the same latents, the stock sampler loop asks its `
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from renoise_core.samplers import make_steps
@@ -20,9 +22,10 @@ TRAINING_SIGMAS = sd_discrete_sigmas()
 class FakeModel:
     """MODEL: the analytic mixture behind a ModelPatcher-like object."""
 
-    def __init__(self, mixture, kind: str = "EPS"):
+    def __init__(self, mixture, kind: str = "EPS", family: str = "SD15"):
         self.mixture = mixture
         self.kind = kind
+        self.family = family
 
 
 def conditioning(mixture, class_index: int | None):
@@ -46,6 +49,10 @@ def sigma_at_timestep(model, timestep: float) -> float:
 
 def model_sampling_kind(model) -> str:
     return model.kind
+
+
+def model_family(model) -> str:
+    return model.family
 
 
 def guided_denoiser(model, positive, negative, cfg: float):
@@ -78,7 +85,7 @@ class FakeSampler:
     def sample_custom(self, model, positive, negative, cfg, latent, sigmas):
         """What SamplerCustom does with add_noise off."""
         x = latent["samples"] * LATENT_SCALE
-        noise_sampler = self.prepare_run(x, sigmas)
+        noise_sampler = self.prepare_run(x, sigmas, model.family)
         denoiser = guided_denoiser(model, positive, negative, cfg)
         for step in make_steps(self.sampler_name, sigmas, **self.options):
             sigma = torch.full((x.shape[0],), step.sigma)
@@ -94,6 +101,29 @@ def replaying_sampler(sampler_name, options, prepare_run):
 
 def intermediate_device() -> torch.device:
     return torch.device("cpu")
+
+
+DIRECTORIES = {"input": "/nonexistent/input", "output": "/nonexistent/output"}  # tests point these at tmp folders
+
+
+def output_directory() -> str:
+    return DIRECTORIES["output"]
+
+
+def input_directory() -> str:
+    return DIRECTORIES["input"]
+
+
+def save_path(filename_prefix: str):
+    """ComfyUI's get_save_image_path: refuses prefixes that leave the output folder; counter after existing files."""
+    base = Path(DIRECTORIES["output"]).resolve()
+    target = (base / filename_prefix).resolve()
+    if base not in target.parents:
+        raise Exception("**** ERROR: Saving image outside the output folder is not allowed.")
+    folder, filename = target.parent, target.name
+    folder.mkdir(parents=True, exist_ok=True)
+    counter = 1 + len([p for p in folder.iterdir() if p.name.startswith(filename + "_")])
+    return str(folder), filename, counter, str(folder.relative_to(base))
 
 
 class Progress:

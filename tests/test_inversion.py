@@ -201,6 +201,7 @@ def test_optimize_noise_correction_matches_gradient_descent_on_the_norm():
         (dict(noises=torch.zeros(3, 1, 4, 16, 16)), r"noises must have shape \[steps, B, C, H, W\] = \[4, 1, 4, 16, 16\]"),
         (dict(x0=torch.zeros(4, 16, 16)), r"\[B, C, H, W\]"),
         (dict(x0=torch.full((1, 4, 16, 16), float("nan"))), "NaN or Inf"),
+        (dict(x0=torch.zeros(1, 4, 6, 16), config=TURBO), "edit losses need a latent of at least 8x8"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(mixture, turbo_sigmas, kwargs, message):
@@ -230,3 +231,9 @@ def test_editing_changes_the_class(mixture, turbo_sigmas):
     to_target = (edited - mixture.means[7].float()).norm()
     to_source = (edited - mixture.means[2].float()).norm()
     assert to_target < to_source
+
+
+def test_divergence_is_reported_not_returned(mixture, turbo_sigmas):
+    absurd = dataclasses.replace(TURBO, edit_loss=EditLossConfig(lambda_ac=1e6))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        invert(mixture.denoiser([0]), mixture.sample([0], seed=0), turbo_sigmas, "euler_ancestral", config=absurd)

@@ -206,12 +206,14 @@ def run_prompt(prompt: dict) -> dict:
     valid = asyncio.run(execution.validate_prompt("1", prompt, None))
     if not valid[0]:
         return {"valid": False, "error": json.dumps(valid[1]) + json.dumps(valid[3])[:2000]}
+    node_errors = {node: [e.get("details", "") + " " + e.get("message", "") for e in info["errors"]]
+                   for node, info in valid[3].items()}
     server = FakeServer()
     executor = execution.PromptExecutor(server, cache_type=False)
     executor.execute(prompt, "1", {}, valid[2])
     errors = [data for event, data in executor.status_messages if event == "execution_error"]
     return {"valid": True, "success": executor.success, "error": errors[0].get("exception_message") if errors else None,
-            "captured": sorted(set(CAPTURED) - CAPTURED_BEFORE)}
+            "captured": sorted(set(CAPTURED) - CAPTURED_BEFORE), "node_errors": node_errors}
 
 
 def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class: int | None = None, cfg=1.0,
@@ -468,7 +470,44 @@ def scenario_workflows(workdir: Path) -> dict:
     return results
 
 
-SCENARIOS = {"analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows}
+def scenario_files(workdir: Path) -> dict:
+    """Save an inversion with ReNoiseSaveInversion, load it with ReNoiseLoadInversion in a second prompt, and
+    reconstruct from the loaded copy: the result must equal the direct reconstruction."""
+    results = {}
+    CAPTURED.clear()
+    graph = analytic_graph("euler_ancestral", 9, noise_correction="exact")
+    graph["20"] = {"class_type": "ReNoiseSaveInversion", "inputs": {"latent": ["6", 0], "inversion": ["6", 1],
+                                                                     "filename_prefix": "renoise/test"}}
+    results["save"] = run_prompt(graph)
+    direct = CAPTURED.get("reconstruction")
+    results["files"] = sorted(str(p.relative_to(workdir / "output")) for p in (workdir / "output").rglob("*.safetensors"))
+    choices = nodes.NODE_CLASS_MAPPINGS["ReNoiseLoadInversion"].INPUT_TYPES()["required"]["inversion_file"][0]
+    results["choices"] = choices
+    CAPTURED.clear()
+    load = {
+        "1": {"class_type": "AnalyticModel", "inputs": {"prediction": "eps"}},
+        "2": {"class_type": "ClassConditioning", "inputs": {"class_index": 3, "context_dim": 768}},
+        "3": {"class_type": "ClassConditioning", "inputs": {"class_index": -1, "context_dim": 768}},
+        "4": {"class_type": "AnalyticLatent", "inputs": {"classes": "3", "seed": 1}},  # only to capture x0
+        "5": {"class_type": "ReNoiseLoadInversion", "inputs": {"inversion_file": "renoise/test_00001_.safetensors [output]"}},
+        "7": {"class_type": "ReNoiseSampler", "inputs": {"inversion": ["5", 1]}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["1", 0], "add_noise": False, "noise_seed": 0, "cfg": 1.0, "positive": ["2", 0], "negative": ["3", 0],
+            "sampler": ["7", 0], "sigmas": ["5", 2], "latent_image": ["5", 0]}},
+        "9": {"class_type": "CaptureLatent", "inputs": {"samples": ["8", 0], "name": "reconstruction"}},
+        "10": {"class_type": "CaptureLatent", "inputs": {"samples": ["4", 0], "name": "unused"}},
+    }
+    results["load"] = run_prompt(load)
+    if direct is not None and "reconstruction" in CAPTURED:
+        results["load"]["identical_to_direct"] = bool(torch.equal(direct, CAPTURED["reconstruction"]))
+        results["load"]["psnr"] = reconstruction_db(results["load"])
+    missing = dict(load, **{"5": {"class_type": "ReNoiseLoadInversion", "inputs": {"inversion_file": "../../escape.safetensors"}}})
+    results["escape"] = run_prompt(missing)
+    return results
+
+
+SCENARIOS = {"analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows,
+             "files": scenario_files}
 
 
 def main() -> None:

@@ -120,3 +120,12 @@ def test_every_api_workflow_validates_and_runs(tmp_path):
     assert {"sdxl_turbo_edit", "lcm_lora_edit", "sd15_ddim_edit", "sdxl_ddim_reconstruct"} <= set(results)
     for name, result in results.items():
         assert ok(result) and len(result["saved"]) == 2, (name, result)  # reconstruction and edit
+
+
+def test_save_and_load_inversion_in_comfyui(tmp_path):
+    results = run_scenario("files", tmp_path)
+    assert ok(results["save"]) and results["files"] == ["renoise/test_00001_.safetensors"]
+    assert results["choices"] == ["renoise/test_00001_.safetensors [output]"]
+    loaded = ok(results["load"])
+    assert loaded["identical_to_direct"] and loaded["psnr"] > 45.0
+    assert any("points outside" in message for message in results["escape"]["node_errors"]["5"])
