@@ -1,7 +1,7 @@
 """ComfyUI nodes of the ReNoise pack."""
 
 from .file_nodes import ReNoiseLoadInversion, ReNoiseSaveInversion
-from .renoise_nodes import EditLossConfig, NoiseCorrection, ReNoiseInvert, ReNoiseSampler
+from .renoise_nodes import EditFriendlyInvert, EditLossConfig, NoiseCorrection, ReNoiseInvert, ReNoiseSampler
 
 NODE_CLASS_MAPPINGS = {
     "ReNoiseInvert": ReNoiseInvert,
@@ -10,6 +10,7 @@ NODE_CLASS_MAPPINGS = {
     "EditLossConfig": EditLossConfig,
     "ReNoiseSaveInversion": ReNoiseSaveInversion,
     "ReNoiseLoadInversion": ReNoiseLoadInversion,
+    "EditFriendlyInvert": EditFriendlyInvert,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -19,6 +20,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "EditLossConfig": "ReNoise Edit Loss Config",
     "ReNoiseSaveInversion": "ReNoise Save Inversion",
     "ReNoiseLoadInversion": "ReNoise Load Inversion",
+    "EditFriendlyInvert": "Edit-Friendly DDPM Invert",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

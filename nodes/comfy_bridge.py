@@ -39,6 +39,11 @@ def sigma_at_timestep(model, timestep: float) -> float:
     return float(model_sampling.sigma(torch.tensor([float(timestep)])).item())
 
 
+def sigma_min(model) -> float:
+    """The model's smallest training sigma (0.0292 for SD1.5/SDXL)."""
+    return float(model.get_model_object("model_sampling").sigma_min)
+
+
 def model_sampling_kind(model) -> str:
     """``"EPS"``, ``"V_PREDICTION"``, ``"EDM"``, ``"X0"`` or ``"CONST"`` (flow), with ``"+LCM"`` for an
     LCM-patched model (ModelSamplingDiscrete ``lcm``)."""

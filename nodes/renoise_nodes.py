@@ -12,7 +12,16 @@ import torch
 
 from ..renoise_core import EditLossConfig as EditLossSettings
 from ..renoise_core import NoiseCorrectionConfig as NoiseCorrectionSettings
-from ..renoise_core import ReNoiseConfig, check_sigmas, invert, item_seeds, make_steps, planned_denoiser_calls
+from ..renoise_core import (
+    ReNoiseConfig,
+    check_sigmas,
+    edit_friendly_invert,
+    invert,
+    item_seeds,
+    make_steps,
+    planned_denoiser_calls,
+    with_final_sigma,
+)
 from ..renoise_core.inversion import NOISE_CORRECTION_MODES
 from . import host
 from .inversion_data import (
@@ -29,6 +38,8 @@ from .inversion_data import (
 CATEGORY = "sampling/renoise"
 #: samplers with an exact affine inverse (ComfyUI names)
 INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm"]
+#: samplers that add noise (the ones edit-friendly inversion can use)
+STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 1000
 
@@ -93,23 +104,8 @@ class ReNoiseInvert:
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, renoise_steps, seed,
                edit_loss=None, noise_correction=None, sigmas=None, average_start=8, first_step_below_timestep=250,
                first_step_renoise_steps=4, first_step_average_start=0, convergence_tol=0.0, eta=1.0, s_noise=1.0):
-        bridge = host.bridge()
-        model_sampling = bridge.model_sampling_kind(model)
-        if model_sampling.startswith("CONST"):
-            raise ValueError("ReNoiseInvert: flow-matching models (SD3, Flux; CONST model sampling) are not supported yet.")
-        if sampler_name not in INVERTIBLE_SAMPLERS:
-            raise ValueError(f"ReNoiseInvert: sampler_name must be one of {INVERTIBLE_SAMPLERS}, got {sampler_name!r}")
-        samples = _latent_samples(latent_image, "ReNoiseInvert")
-        _check_conditioning_batch(positive, "positive", samples.shape[0])
-        _check_conditioning_batch(negative, "negative", samples.shape[0])
-        if sigmas is None:
-            if not 1 <= steps <= MAX_STEPS:
-                raise ValueError(f"ReNoiseInvert: steps must be between 1 and {MAX_STEPS}, got {steps}")
-            if not 0.0 < denoise <= 1.0:
-                raise ValueError(f"ReNoiseInvert: denoise must be in (0, 1], got {denoise}; 0 would invert nothing")
-            sigmas = bridge.schedule(model, scheduler, steps, denoise)
-        schedule = _checked_schedule(sigmas)
-
+        bridge, schedule = _prepare("ReNoiseInvert", model, positive, negative, latent_image, sampler_name, INVERTIBLE_SAMPLERS,
+                                    scheduler, steps, denoise, sigmas)
         config = ReNoiseConfig(
             renoise_steps=renoise_steps,
             average_start=average_start,
@@ -120,41 +116,128 @@ class ReNoiseInvert:
             edit_loss=edit_loss,
             noise_correction=noise_correction,
         )
-        options = {"eta": eta, "s_noise": s_noise} if sampler_name == "euler_ancestral" else {}
-        seeds = item_seeds(seed, latent_image.get("batch_index", samples.shape[0]))
-        if len(seeds) != samples.shape[0]:
-            raise ValueError(f"ReNoiseInvert: the latent's batch_index has {len(seeds)} entries for a batch of {samples.shape[0]}.")
-        progress = bridge.Progress(planned_denoiser_calls(schedule, sampler_name, config, **options))
-        results = []
+        options = _sampler_options(sampler_name, eta, s_noise)
 
-        def run(denoiser, x0, sigmas_descending):
-            inversion = invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds,
-                               sampler_options=options, callback=progress.update)
-            results.append(inversion)
-            return inversion.latent
+        def run(denoiser, x0, sigmas_descending, seeds, callback):
+            return invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds, sampler_options=options,
+                          callback=callback)
 
-        latent_out = bridge.run_inversion(model, positive, negative, cfg, latent_image, schedule, run, seed)
-        inversion = results[-1]
-        data = InversionData(
-            noises=inversion.noises.to(device=bridge.intermediate_device(), dtype=torch.float32),
-            sigmas=schedule,
-            sampler_name=sampler_name,
-            sampler_options=options,
-            model_sampling=model_sampling,
-            model_family=bridge.model_family(model),
-            seed=seed,
-            method="renoise",
-            settings={"cfg": cfg, "renoise_steps": renoise_steps, "average_start": average_start,
-                      "first_step_below_timestep": first_step_below_timestep, "first_step_renoise_steps": first_step_renoise_steps,
-                      "first_step_average_start": first_step_average_start, "convergence_tol": convergence_tol,
-                      "edit_loss": dataclasses.asdict(edit_loss) if edit_loss else None,
-                      "noise_correction": dataclasses.asdict(noise_correction) if noise_correction else None},
-            diagnostics=inversion.steps,
-            denoiser_calls=inversion.denoiser_calls,
-        )
-        out = {key: value for key, value in latent_image.items() if key not in ("samples", "noise_mask")}
-        out["samples"] = latent_out
-        return (out, data, schedule.clone())
+        settings = {"cfg": cfg, "renoise_steps": renoise_steps, "average_start": average_start,
+                    "first_step_below_timestep": first_step_below_timestep, "first_step_renoise_steps": first_step_renoise_steps,
+                    "first_step_average_start": first_step_average_start, "convergence_tol": convergence_tol,
+                    "edit_loss": dataclasses.asdict(edit_loss) if edit_loss else None,
+                    "noise_correction": dataclasses.asdict(noise_correction) if noise_correction else None}
+        calls = planned_denoiser_calls(schedule, sampler_name, config, **options)
+        return _run("ReNoiseInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, calls, run,
+                    method="renoise", sampler_name=sampler_name, options=options, settings=settings)
+
+
+class EditFriendlyInvert:
+    DESCRIPTION = (
+        "Edit-friendly DDPM inversion (Huberman-Spiegelglas et al.): noisy copies of the image at every level with "
+        "independent noises, and per-step noises extracted so that the sampler lands exactly on them. Reconstructs "
+        "exactly (any step count); with skip > 0 edits keep more of the photo's structure. Same outputs as "
+        "ReNoiseInvert: sample with ReNoiseSampler + SamplerCustom."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "invert"
+    RETURN_TYPES = ("LATENT", INVERSION_TYPE, "SIGMAS")
+    RETURN_NAMES = ("latent", "inversion", "sigmas")
+    OUTPUT_TOOLTIPS = (
+        "The noisy latent at the step `skip` starts from; sample from it with add_noise off.",
+        "Per-step noises, schedule and sampler settings: connect to ReNoiseSampler.",
+        "The schedule to sample with, from `skip` on, ending at the model's smallest sigma (connect to SamplerCustom).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        invert_inputs = ReNoiseInvert.INPUT_TYPES()
+        required = {name: invert_inputs["required"][name] for name in ("model", "positive", "negative", "latent_image")}
+        required["sampler_name"] = (STOCHASTIC_SAMPLERS, {"default": "ddpm", "tooltip": "A stochastic sampler to invert and sample with."})
+        for name in ("scheduler", "steps", "denoise"):
+            required[name] = invert_inputs["required"][name]
+        required["cfg"] = ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                     "tooltip": "Guidance while extracting the noises (the paper: 3.5 for SD; sample the reconstruction with the same)."})
+        required["skip"] = ("INT", {"default": 0, "min": 0, "max": MAX_STEPS,
+                                    "tooltip": "Start the edit this many steps later (the paper's T_skip; 36 of 100): more structure kept."})
+        required["seed"] = invert_inputs["required"]["seed"]
+        optional = {name: invert_inputs["optional"][name] for name in ("sigmas", "eta", "s_noise")}
+        return {"required": required, "optional": optional}
+
+    def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, skip, seed,
+               sigmas=None, eta=1.0, s_noise=1.0):
+        bridge, schedule = _prepare("EditFriendlyInvert", model, positive, negative, latent_image, sampler_name,
+                                    STOCHASTIC_SAMPLERS, scheduler, steps, denoise, sigmas)
+        schedule = with_final_sigma(schedule, bridge.sigma_min(model))  # keep the last step's noise: exact reconstruction
+        if not 0 <= skip < len(schedule) - 1:
+            raise ValueError(f"EditFriendlyInvert: skip must be between 0 and steps - 1 = {len(schedule) - 2}, got {skip}")
+        options = _sampler_options(sampler_name, eta, s_noise)
+
+        def run(denoiser, x0, sigmas_descending, seeds, callback):
+            return edit_friendly_invert(denoiser, x0, sigmas_descending, sampler_name, seed=seeds, sampler_options=options,
+                                        skip=skip, callback=callback)
+
+        return _run("EditFriendlyInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, len(schedule) - 1 - skip,
+                    run, method="edit_friendly", sampler_name=sampler_name, options=options, settings={"cfg": cfg, "skip": skip})
+
+
+def _sampler_options(sampler_name: str, eta: float, s_noise: float) -> dict:
+    return {"eta": eta, "s_noise": s_noise} if sampler_name == "euler_ancestral" else {}
+
+
+def _prepare(node, model, positive, negative, latent_image, sampler_name, allowed, scheduler, steps, denoise, sigmas):
+    """Checks shared by the inversion nodes; returns the bridge and the schedule (float32, descending)."""
+    bridge = host.bridge()
+    if bridge.model_sampling_kind(model).startswith("CONST"):
+        raise ValueError(f"{node}: flow-matching models (SD3, Flux; CONST model sampling) are not supported yet.")
+    if sampler_name not in allowed:
+        raise ValueError(f"{node}: sampler_name must be one of {allowed}, got {sampler_name!r}")
+    samples = _latent_samples(latent_image, node)
+    _check_conditioning_batch(positive, "positive", samples.shape[0], node)
+    _check_conditioning_batch(negative, "negative", samples.shape[0], node)
+    if sigmas is None:
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"{node}: steps must be between 1 and {MAX_STEPS}, got {steps}")
+        if not 0.0 < denoise <= 1.0:
+            raise ValueError(f"{node}: denoise must be in (0, 1], got {denoise}; 0 would invert nothing")
+        sigmas = bridge.schedule(model, scheduler, steps, denoise)
+    return bridge, _checked_schedule(sigmas, node)
+
+
+def _run(node, bridge, model, positive, negative, cfg, latent_image, schedule, seed, total_calls, invert_function, *,
+         method, sampler_name, options, settings):
+    """Run ``invert_function(denoiser, x0, sigmas, seeds, callback) -> Inversion`` through ComfyUI's guider and
+    package the three outputs."""
+    samples = latent_image["samples"]
+    seeds = item_seeds(seed, latent_image.get("batch_index", samples.shape[0]))
+    if len(seeds) != samples.shape[0]:
+        raise ValueError(f"{node}: the latent's batch_index has {len(seeds)} entries for a batch of {samples.shape[0]}.")
+    progress = bridge.Progress(total_calls)
+    results = []
+
+    def run(denoiser, x0, sigmas_descending):
+        results.append(invert_function(denoiser, x0, sigmas_descending, seeds, progress.update))
+        return results[-1].latent
+
+    latent_out = bridge.run_inversion(model, positive, negative, cfg, latent_image, schedule, run, seed)
+    inversion = results[-1]
+    sigmas_out = inversion.sigmas.float()
+    data = InversionData(
+        noises=inversion.noises.to(device=bridge.intermediate_device(), dtype=torch.float32),
+        sigmas=sigmas_out,
+        sampler_name=sampler_name,
+        sampler_options=options,
+        model_sampling=bridge.model_sampling_kind(model),
+        model_family=bridge.model_family(model),
+        seed=seed,
+        method=method,
+        settings=settings,
+        diagnostics=inversion.steps,
+        denoiser_calls=inversion.denoiser_calls,
+    )
+    out = {key: value for key, value in latent_image.items() if key not in ("samples", "noise_mask")}
+    out["samples"] = latent_out
+    return (out, data, sigmas_out.clone())
 
 
 class ReNoiseSampler:
@@ -255,22 +338,22 @@ def _latent_samples(latent, node: str) -> torch.Tensor:
     return samples
 
 
-def _check_conditioning_batch(conditioning, name: str, batch: int) -> None:
+def _check_conditioning_batch(conditioning, name: str, batch: int, node: str) -> None:
     """One prompt for the whole batch, or one per image: anything else would pair prompts and images wrongly."""
     for entry in conditioning:
         prompts = entry[0].shape[0] if isinstance(entry, (list, tuple)) and isinstance(entry[0], torch.Tensor) else 1
         if prompts not in (1, batch):
             raise ValueError(
-                f"ReNoiseInvert: `{name}` holds {prompts} prompts but the latent has {batch} images; "
+                f"{node}: `{name}` holds {prompts} prompts but the latent has {batch} images; "
                 "use one prompt for all images or exactly one per image."
             )
 
 
-def _checked_schedule(sigmas) -> torch.Tensor:
+def _checked_schedule(sigmas, node: str) -> torch.Tensor:
     try:
         values = check_sigmas(sigmas)
     except ValueError as error:
-        raise ValueError(f"ReNoiseInvert: bad schedule (sigmas input, or scheduler/steps/denoise): {error}") from None
+        raise ValueError(f"{node}: bad schedule (sigmas input, or scheduler/steps/denoise): {error}") from None
     return torch.tensor(values, dtype=torch.float32)
 
 

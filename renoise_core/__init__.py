@@ -4,6 +4,7 @@ No ComfyUI import anywhere in this package: it works on a denoiser callable ``D(
 k-diffusion units, which is exactly what a ComfyUI sampler function receives.
 """
 
+from .edit_friendly import edit_friendly_invert, with_final_sigma
 from .edit_losses import EditLossConfig, pair_loss, patch_kl_loss, regularize_noise_prediction
 from .inversion import (
     Denoiser,
@@ -34,6 +35,7 @@ __all__ = [
     "check_sigmas",
     "correct_noise",
     "draw_noises",
+    "edit_friendly_invert",
     "invert",
     "item_seeds",
     "make_steps",
@@ -42,4 +44,5 @@ __all__ = [
     "planned_denoiser_calls",
     "regularize_noise_prediction",
     "sample",
+    "with_final_sigma",
 ]

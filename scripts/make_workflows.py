@@ -45,6 +45,11 @@ NODE_SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
                        ("first_step_average_start", "WIDGET"), ("convergence_tol", "WIDGET"), ("eta", "WIDGET"),
                        ("s_noise", "WIDGET")],
                       [("latent", "LATENT"), ("inversion", "RENOISE_INVERSION"), ("sigmas", "SIGMAS")]),
+    "EditFriendlyInvert": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                            ("latent_image", "LATENT"), ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("steps", "WIDGET"),
+                            ("denoise", "WIDGET"), ("cfg", "WIDGET"), ("skip", "WIDGET"), ("seed", "SEED"), ("sigmas", "SIGMAS"),
+                            ("eta", "WIDGET"), ("s_noise", "WIDGET")],
+                           [("latent", "LATENT"), ("inversion", "RENOISE_INVERSION"), ("sigmas", "SIGMAS")]),
     "ReNoiseSampler": ([("inversion", "RENOISE_INVERSION")], [("SAMPLER", "SAMPLER")]),
     "NoiseCorrection": ([("mode", "WIDGET"), ("steps", "WIDGET"), ("step_size", "WIDGET")], [("noise_correction", "NOISE_CORRECTION")]),
     "EditLossConfig": ([("lambda_ac", "WIDGET"), ("lambda_kl", "WIDGET"), ("reg_steps", "WIDGET"), ("ac_rolls", "WIDGET"),
@@ -154,10 +159,8 @@ SOURCE = "a photo of a cat sitting on a wooden bench"
 TARGET = "a photo of a dog sitting on a wooden bench"
 
 
-def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, scheduler: str, steps: int,
-                       renoise_steps: int, edit_cfg: float, edit_loss=None, noise_correction=None,
-                       continue_with: str = "samplercustom", prefix: str, x0: int = 0) -> None:
-    """Load -> scale -> encode -> ReNoiseInvert, then the edit and the reconstruction side by side."""
+def photo_and_prompts(g: Graph, clip, vae, *, size: int, x0: int = 0):
+    """Load -> scale -> encode the photo, and the three prompts."""
     image = g.add("LoadImage", (x0, 500), image="example.png")
     scaled = g.add("ImageScale", (x0, 860), image=(image, "IMAGE"), upscale_method="lanczos", width=size, height=size,
                    crop="center")
@@ -165,17 +168,15 @@ def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, s
     source = g.add("CLIPTextEncode", (x0 + 340, 40), title="Source prompt (describe the photo)", text=SOURCE, clip=clip)
     target = g.add("CLIPTextEncode", (x0 + 340, 200), title="Target prompt (the edit)", text=TARGET, clip=clip)
     negative = g.add("CLIPTextEncode", (x0 + 340, 360), title="Negative prompt", text="", clip=clip)
-    extra = {}
-    if edit_loss is not None:
-        extra["edit_loss"] = (g.add("EditLossConfig", (x0 + 340, 1000), **edit_loss), "edit_loss")
-    if noise_correction is not None:
-        extra["noise_correction"] = (g.add("NoiseCorrection", (x0 + 340, 1220), **noise_correction), "noise_correction")
-    invert = g.add("ReNoiseInvert", (x0 + 760, 300), model=model, positive=(source, "CONDITIONING"),
-                   negative=(negative, "CONDITIONING"), latent_image=(latent, "LATENT"), sampler_name=sampler,
-                   scheduler=scheduler, steps=steps, denoise=1.0, cfg=1.0, renoise_steps=renoise_steps, seed=7865,
-                   **extra, **RENOISE_DEFAULTS)
+    return latent, source, target, negative
+
+
+def reconstruction_and_edit(g: Graph, model, vae, invert: Node, source, target, negative, *, source_cfg: float, edit_cfg: float,
+                            continue_with: str, prefix: str, sampler: str = "", scheduler: str = "", steps: int = 0,
+                            x0: int = 0) -> None:
+    """Sample the inverted latent with the source prompt and with the target prompt; save both side by side."""
     decoded = []
-    branches = (("Reconstruction (source prompt)", source, 1.0), ("Edit (target prompt)", target, edit_cfg))
+    branches = (("Reconstruction (source prompt)", source, source_cfg), ("Edit (target prompt)", target, edit_cfg))
     for row, (name, prompt, cfg) in enumerate(branches):
         if continue_with == "ksampleradvanced":
             out = g.add("KSamplerAdvanced", (x0 + 1180, 40 + 520 * row), title=name, model=model, add_noise="disable",
@@ -194,6 +195,24 @@ def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, s
     both = g.add("ImageBatch", (x0 + 2100, 300), title="Reconstruction | Edit", image1=(decoded[0], "IMAGE"),
                  image2=(decoded[1], "IMAGE"))
     g.add("SaveImage", (x0 + 2400, 300), images=(both, "IMAGE"), filename_prefix=prefix)
+
+
+def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, scheduler: str, steps: int,
+                       renoise_steps: int, edit_cfg: float, edit_loss=None, noise_correction=None,
+                       continue_with: str = "samplercustom", prefix: str, x0: int = 0) -> None:
+    """The ReNoise graph: photo and prompts -> ReNoiseInvert -> reconstruction and edit."""
+    latent, source, target, negative = photo_and_prompts(g, clip, vae, size=size, x0=x0)
+    extra = {}
+    if edit_loss is not None:
+        extra["edit_loss"] = (g.add("EditLossConfig", (x0 + 340, 1000), **edit_loss), "edit_loss")
+    if noise_correction is not None:
+        extra["noise_correction"] = (g.add("NoiseCorrection", (x0 + 340, 1220), **noise_correction), "noise_correction")
+    invert = g.add("ReNoiseInvert", (x0 + 760, 300), model=model, positive=(source, "CONDITIONING"),
+                   negative=(negative, "CONDITIONING"), latent_image=(latent, "LATENT"), sampler_name=sampler,
+                   scheduler=scheduler, steps=steps, denoise=1.0, cfg=1.0, renoise_steps=renoise_steps, seed=7865,
+                   **extra, **RENOISE_DEFAULTS)
+    reconstruction_and_edit(g, model, vae, invert, source, target, negative, source_cfg=1.0, edit_cfg=edit_cfg,
+                            continue_with=continue_with, prefix=prefix, sampler=sampler, scheduler=scheduler, steps=steps, x0=x0)
 
 
 EDIT_LOSS_DEFAULTS = {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4, "ac_rolls": 5, "patch_size": 4}
@@ -245,11 +264,26 @@ def sdxl_ddim_reconstruct() -> Graph:
     return g
 
 
+def sd15_edit_friendly_ddpm() -> Graph:
+    """The edit-friendly DDPM paper's settings: ddpm, 100 steps, cfg 3.5 to invert (and reconstruct), 15 to edit,
+    skip 36."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (-380, 300), ckpt_name=CHECKPOINTS["sd15"])
+    latent, source, target, negative = photo_and_prompts(g, (ckpt, "CLIP"), (ckpt, "VAE"), size=512)
+    invert = g.add("EditFriendlyInvert", (760, 300), model=(ckpt, "MODEL"), positive=(source, "CONDITIONING"),
+                   negative=(negative, "CONDITIONING"), latent_image=(latent, "LATENT"), sampler_name="ddpm", scheduler="normal",
+                   steps=100, denoise=1.0, cfg=3.5, skip=36, seed=7865, eta=1.0, s_noise=1.0)
+    reconstruction_and_edit(g, (ckpt, "MODEL"), (ckpt, "VAE"), invert, source, target, negative, source_cfg=3.5, edit_cfg=15.0,
+                            continue_with="samplercustom", prefix="renoise/sd15_edit_friendly_ddpm")
+    return g
+
+
 WORKFLOWS = {
     "sdxl_turbo_edit": sdxl_turbo_edit,
     "lcm_lora_edit": lcm_lora_edit,
     "sd15_ddim_edit": sd15_ddim_edit,
     "sdxl_ddim_reconstruct": sdxl_ddim_reconstruct,
+    "sd15_edit_friendly_ddpm": sd15_edit_friendly_ddpm,
 }
 
 

@@ -47,6 +47,10 @@ def sigma_at_timestep(model, timestep: float) -> float:
     return table_sigma(TRAINING_SIGMAS, timestep)
 
 
+def sigma_min(model) -> float:
+    return float(TRAINING_SIGMAS[0])
+
+
 def model_sampling_kind(model) -> str:
     return model.kind
 

@@ -212,3 +212,27 @@ def test_config_nodes():
     assert el == EditLossSettings()
     with pytest.raises(ValueError, match="mode"):
         NODES["NoiseCorrection"]().build("sometimes", 10, 1.8)
+
+
+def invert_edit_friendly(graph, **widgets):
+    inputs = dict(sampler_name="ddpm", scheduler="simple", steps=10, denoise=1.0, cfg=1.0, skip=0, seed=3)
+    inputs.update(widgets)
+    return NODES["EditFriendlyInvert"]().invert(graph["model"], graph["positive"], graph["negative"], graph["latent_image"], **inputs)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "euler_ancestral", "lcm"])
+def test_edit_friendly_node_reconstructs_through_renoise_sampler(graph, sampler):
+    latent, inversion, sigmas = invert_edit_friendly(graph, sampler_name=sampler, skip=3)
+    assert inversion.method == "edit_friendly" and inversion.steps == 7 and float(sigmas[-1]) > 0
+    out = replay(graph, latent, inversion, sigmas)
+    assert torch.allclose(out["samples"] * fake_comfy.LATENT_SCALE, graph["x0"], atol=1e-4)
+
+
+def test_edit_friendly_node_refusals(graph):
+    with pytest.raises(ValueError, match="sampler_name must be one of"):
+        invert_edit_friendly(graph, sampler_name="euler")
+    with pytest.raises(ValueError, match="skip must be between 0 and steps - 1 = 9"):
+        invert_edit_friendly(graph, skip=10)
+    spec = NODES["EditFriendlyInvert"].INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "positive", "negative", "latent_image", "sampler_name", "scheduler", "steps",
+                                      "denoise", "cfg", "skip", "seed"]

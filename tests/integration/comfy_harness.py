@@ -218,7 +218,7 @@ def run_prompt(prompt: dict) -> dict:
 
 def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class: int | None = None, cfg=1.0,
                    noise_correction: str | None = None, continue_with="samplercustom", prediction="eps", patch=None,
-                   sampling_sigmas_steps: int | None = None, steps=4, edit_loss=False) -> dict:
+                   sampling_sigmas_steps: int | None = None, steps=4, edit_loss=False, skip: int | None = None) -> dict:
     """The standard graphs: ReNoiseInvert, then either ReNoiseSampler + SamplerCustom or KSamplerAdvanced."""
     context_dim = 768
     if prediction == "v":
@@ -236,6 +236,10 @@ def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class:
         "9": {"class_type": "CaptureLatent", "inputs": {"samples": ["8", 0], "name": "reconstruction"}},
         "10": {"class_type": "CaptureLatent", "inputs": {"samples": ["6", 0], "name": "inverted"}},
     }
+    if skip is not None:  # EditFriendlyInvert instead of ReNoiseInvert
+        inputs = prompt["6"]["inputs"]
+        del inputs["renoise_steps"]
+        prompt["6"] = {"class_type": "EditFriendlyInvert", "inputs": dict(inputs, skip=skip)}
     if patch is not None:
         prompt["11"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["1", 0], "sampling": patch, "zsnr": False}}
         prompt["6"]["inputs"]["model"] = ["11", 0]
@@ -290,6 +294,8 @@ def scenario_analytic(workdir: Path) -> dict:
         "vpred_euler_k9": dict(sampler="euler", renoise_steps=9, prediction="v", continue_with="ksampleradvanced"),
         "batch2_ea_exact": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="exact", classes="3,5"),
         "wrong_sigmas": dict(sampler="euler_ancestral", renoise_steps=2, sampling_sigmas_steps=6),
+        "edit_friendly_ddpm_cfg3": dict(sampler="ddpm", renoise_steps=0, skip=3, steps=10, cfg=3.0),
+        "edit_friendly_lcm_patched": dict(sampler="lcm", renoise_steps=0, skip=0, steps=4, patch="lcm"),
     }
     results = {}
     for name, kwargs in cases.items():

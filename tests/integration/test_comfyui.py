@@ -129,3 +129,8 @@ def test_save_and_load_inversion_in_comfyui(tmp_path):
     loaded = ok(results["load"])
     assert loaded["identical_to_direct"] and loaded["psnr"] > 45.0
     assert any("points outside" in message for message in results["escape"]["node_errors"]["5"])
+
+
+def test_edit_friendly_inversion_reconstructs_exactly(analytic):
+    assert ok(analytic["edit_friendly_ddpm_cfg3"])["psnr"] > 80.0
+    assert ok(analytic["edit_friendly_lcm_patched"])["psnr"] > 80.0
