@@ -1,10 +1,11 @@
 """An exact analytic diffusion model: latents drawn from an isotropic Gaussian mixture.
 
-With data ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` and ``x = x0 + sigma * eps`` (k-diffusion units), the ideal
-denoiser ``E[x0 | x]`` is closed-form:
+With data ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` and ``x = a * x0 + sigma * eps`` (``a = 1`` for eps models,
+``a = 1 - sigma`` for flow models), the ideal denoiser ``E[x0 | x]`` is closed-form:
 
-    r_k(x) ∝ w_k N(x; mu_k, (s_k^2 + sigma^2) I)                                   (posterior over components)
-    E[x0 | x] = sum_k r_k(x) (mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k))
+    v_k = a^2 s_k^2 + sigma^2
+    r_k(x) ∝ w_k N(x; a mu_k, v_k I)                                               (posterior over components)
+    E[x0 | x] = sum_k r_k(x) (mu_k + a s_k^2 / v_k (x - a mu_k))
 
 The "prompt" is the component prior ``w``: conditioning on class ``c`` means ``w = one_hot(c)`` (with a little
 mass elsewhere), so the model is class-conditional, and the trajectories bend where the posterior switches
@@ -23,14 +24,18 @@ from torch import Tensor
 class GaussianMixture:
     """A Gaussian mixture over latents of shape ``[C, H, W]``; means ``[K, C, H, W]``, stds ``[K]``."""
 
-    def __init__(self, means: Tensor, stds: Tensor):
+    def __init__(self, means: Tensor, stds: Tensor, parameterization: str = "eps"):
         if means.ndim != 4 or stds.shape != means.shape[:1]:
             raise ValueError("means must be [K, C, H, W] and stds [K]")
+        if parameterization not in ("eps", "flow"):
+            raise ValueError(f"parameterization must be 'eps' or 'flow', got {parameterization!r}")
         self.means = means.double()
         self.stds = stds.double()
+        self.parameterization = parameterization
 
     @classmethod
-    def random(cls, components: int = 8, shape=(4, 32, 32), std: float = 0.25, seed: int = 0) -> GaussianMixture:
+    def random(cls, components: int = 8, shape=(4, 32, 32), std: float = 0.25, seed: int = 0,
+               parameterization: str = "eps") -> GaussianMixture:
         """Smooth random component means with unit pixel variance (image-like latents), each of spread ``std``."""
         generator = torch.Generator().manual_seed(seed)
         channels, height, width = shape
@@ -39,7 +44,7 @@ class GaussianMixture:
         means = means + 0.35 * torch.randn(means.shape, generator=generator, dtype=torch.float64)  # fine detail
         means = (means - means.mean((1, 2, 3), keepdim=True)) / means.std(dim=(1, 2, 3), keepdim=True)
         stds = std * (0.75 + 0.5 * torch.rand((components,), generator=generator, dtype=torch.float64))
-        return cls(means, stds)
+        return cls(means, stds, parameterization)
 
     @property
     def num_components(self) -> int:
@@ -71,15 +76,18 @@ class GaussianMixture:
         prior = _repeat_to_batch(prior.to(x.device), batch)
         means, stds = self.means.to(x.device), self.stds.to(x.device)
         xd = x.double()
-        var = stds.view(1, -1) ** 2 + sigma.double().view(-1, 1) ** 2  # [B, K]
+        sigma = sigma.double().view(-1, 1)  # [B, 1]
+        a = 1 - sigma if self.parameterization == "flow" else torch.ones_like(sigma)  # signal scale
+        var = a**2 * stds.view(1, -1) ** 2 + sigma**2  # [B, K]
         dims = xd[0].numel()
-        sq_dist = torch.cdist(xd.flatten(1), means.flatten(1)) ** 2  # [B, K]
+        sq_dist = (xd.flatten(1).pow(2).sum(1, keepdim=True) - 2 * a * xd.flatten(1) @ means.flatten(1).T
+                   + a**2 * means.flatten(1).pow(2).sum(1).view(1, -1))  # ||x - a mu_k||^2, [B, K]
         logits = prior.clamp_min(1e-300).log() - 0.5 * dims * var.log() - sq_dist / (2 * var)
         resp = torch.softmax(logits, dim=1)  # [B, K]
-        shrink = stds.view(1, -1) ** 2 / var  # [B, K]
-        # sum_k r_k (mu_k + shrink_k (x - mu_k)) = sum_k r_k (1 - shrink_k) mu_k + (sum_k r_k shrink_k) x
-        mean_part = torch.einsum("bk,kchw->bchw", resp * (1 - shrink), means)
-        x_part = (resp * shrink).sum(1).view(-1, 1, 1, 1) * xd
+        gain = a * stds.view(1, -1) ** 2 / var  # [B, K]
+        # sum_k r_k (mu_k + gain_k (x - a mu_k)) = sum_k r_k (1 - a gain_k) mu_k + (sum_k r_k gain_k) x
+        mean_part = torch.einsum("bk,kchw->bchw", resp * (1 - a * gain), means)
+        x_part = (resp * gain).sum(1).view(-1, 1, 1, 1) * xd
         return (mean_part + x_part).to(x.dtype)
 
     def denoiser(self, classes: Tensor | list[int] | None = None, cfg: float = 1.0, uncond_classes=None):

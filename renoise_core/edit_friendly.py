@@ -1,7 +1,7 @@
 """Edit-friendly DDPM inversion (Huberman-Spiegelglas, Kulikov and Michaeli, CVPR 2024), on the affine steps.
 
-Instead of inverting the sampler, draw auxiliary latents ``x_i = x0 + sigma_i * n_i`` with statistically
-independent ``n_i ~ N(0, I)`` (k-diffusion units) and extract, from the top step down, the noise that makes each
+Instead of inverting the sampler, draw auxiliary latents ``x_i = x0 + sigma_i * n_i`` (flow models:
+``(1 - sigma_i) x0 + sigma_i n_i``) with statistically independent ``n_i ~ N(0, I)`` and extract, from the top step down, the noise that makes each
 forward step land exactly on the next auxiliary latent (the paper's Algorithm 1, Eq. 4 per step)::
 
     z_i = required_noise(x_i, x_{i+1}, eps_hat(x_i, sigma_i))
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .inversion import Denoiser, Inversion, StepDiagnostics, _seeds_for, draw_noises
-from .samplers import check_sigmas, make_steps
+from .samplers import check_sigmas, make_steps, noised
 
 
 def with_final_sigma(sigmas: Tensor | Sequence[float], final_sigma: float) -> Tensor:
@@ -42,6 +42,7 @@ def edit_friendly_invert(
     *,
     seed: int | Sequence[int] = 0,
     sampler_options: dict[str, float] | None = None,
+    parameterization: str = "eps",
     skip: int = 0,
     callback: Callable[[int], None] | None = None,
 ) -> Inversion:
@@ -52,7 +53,7 @@ def edit_friendly_invert(
     One denoiser call per stochastic step; nothing the caller passed in is modified.
     """
     sampler_options = dict(sampler_options or {})
-    steps = make_steps(sampler, sigmas, **sampler_options)
+    steps = make_steps(sampler, sigmas, parameterization, **sampler_options)
     if not any(step.is_stochastic for step in steps):
         raise ValueError(f"edit-friendly inversion needs a stochastic sampler (ddpm, euler_ancestral, lcm); {sampler!r} adds no noise")
     if not 0 <= skip < len(steps):
@@ -72,14 +73,14 @@ def edit_friendly_invert(
     noises = torch.zeros_like(independent)
     diagnostics = []
     calls = 0
-    x = x0 + steps[skip].sigma * independent[skip]
+    x = noised(x0, independent[skip], steps[skip].sigma, parameterization)
     latent = x
     for i in range(skip, len(steps)):
         step = steps[i]
         if not step.is_stochastic:  # nothing to fit: a plain step, reconstructed as the sampler makes it
             diagnostics.append(_diagnostics(step, 0, batch, x.device))
             continue
-        x_next = x0 + step.sigma_next * independent[i + 1] if i + 1 < len(steps) else x0
+        x_next = noised(x0, independent[i + 1], step.sigma_next, parameterization) if i + 1 < len(steps) else x0
         sigma_batch = torch.full((batch,), step.sigma, device=x.device, dtype=dtype)
         eps = (x - denoiser(x, sigma_batch).to(dtype)) / step.sigma
         calls += 1

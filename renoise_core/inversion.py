@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .edit_losses import EditLossConfig, draw_rolls, pyramid_sizes, regularize_noise_prediction
-from .samplers import AffineStep, make_steps
+from .samplers import AffineStep, make_steps, noised
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(x [B, C, H, W], sigma [B]) -> predicted x0 [B, C, H, W]`` (k-diffusion units).
@@ -144,9 +144,11 @@ class Inversion:
         return sum(s.denoiser_calls for s in self.steps)
 
 
-def planned_denoiser_calls(sigmas: Sequence[float] | Tensor, sampler: str, config: ReNoiseConfig, **sampler_options) -> int:
+def planned_denoiser_calls(
+    sigmas: Sequence[float] | Tensor, sampler: str, config: ReNoiseConfig, parameterization: str = "eps", **sampler_options
+) -> int:
     """Denoiser calls :func:`invert` makes without early stopping (the most it can make)."""
-    steps = make_steps(sampler, sigmas, **sampler_options)
+    steps = make_steps(sampler, sigmas, parameterization, **sampler_options)
     return sum(_calls_for_step(step, config) for step in steps)
 
 
@@ -197,6 +199,7 @@ def invert(
     config: ReNoiseConfig = ReNoiseConfig(),
     seed: int | Sequence[int] = 0,
     sampler_options: dict[str, float] | None = None,
+    parameterization: str = "eps",
     noises: Tensor | None = None,
     keep_trajectory: bool = False,
     callback: Callable[[int], None] | None = None,
@@ -204,12 +207,13 @@ def invert(
     """Invert ``x0`` (the latent at ``sigmas[-1]``, clean when it is 0) up to ``sigmas[0]`` with ReNoise.
 
     x0: ``[B, C, H, W]``; never modified. Work happens on its device in ``promote(dtype, float32)``.
+    parameterization: ``"eps"`` (``x = x0 + sigma * eps``) or ``"flow"`` (``x = (1 - sigma) x0 + sigma * eps``).
     noises: optional ``[S, B, C, H, W]`` step noises to use instead of drawing them from ``seed`` (copied).
     callback: called with the number of denoiser calls made so far after every call (progress, cancellation).
     A partial inversion (img2img ``denoise < 1``) is an inversion over a schedule that starts lower.
     """
     sampler_options = dict(sampler_options or {})
-    steps = make_steps(sampler, sigmas, **sampler_options)
+    steps = make_steps(sampler, sigmas, parameterization, **sampler_options)
     if x0.ndim != 4:
         raise ValueError(f"x0 must be a latent batch [B, C, H, W], got shape {tuple(x0.shape)}")
     if x0.numel() == 0:
@@ -268,7 +272,7 @@ def invert(
         relative_changes: list[Tensor] = []
         for k in range(k_max + 1):
             if k == 0 and edit is not None and edit.uses_reference:
-                x_ref = x0 + step.sigma * reference_noise
+                x_ref = noised(x0, reference_noise, step.sigma, parameterization)
                 both = eps_hat(torch.cat([estimate, x_ref]), step.sigma, sigma_batch.repeat(2))
                 eps, eps_ref = both[:batch], both[batch:]
             else:
@@ -389,13 +393,14 @@ def sample(
     *,
     noises: Tensor | None = None,
     sampler_options: dict[str, float] | None = None,
+    parameterization: str = "eps",
 ) -> Tensor:
     """Run ``sampler`` from ``x`` at ``sigmas[0]`` down the schedule, replaying ``noises`` ``[S, B, C, H, W]``.
 
     This is what editing does: the same sampler and noises as the inversion, with another conditioning inside
     ``denoiser``. Returns a new tensor; ``x`` and ``noises`` are not modified.
     """
-    steps = make_steps(sampler, sigmas, **(sampler_options or {}))
+    steps = make_steps(sampler, sigmas, parameterization, **(sampler_options or {}))
     if any(s.is_stochastic for s in steps):
         if noises is None:
             raise ValueError(f"sampler {sampler!r} is stochastic: pass the inversion's noises to replay")

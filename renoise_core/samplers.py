@@ -7,8 +7,14 @@ Every sampler this package supports takes one step from ``sigma`` down to ``sigm
 (ReNoise paper, Eq. 1), where ``D`` is the denoiser (predicted x0) and ``noise ~ N(0, I)``. A sampler is therefore
 nothing but its coefficients: adding one means adding a function that returns an :class:`AffineStep`. The
 coefficients below are written to mirror ComfyUI's ``comfy/k_diffusion/sampling.py`` term by term, so a forward
-step reproduces ComfyUI's arithmetic to float rounding. Sigmas are k-diffusion sigmas (``x = x0 + sigma * eps``),
-never DDPM timesteps.
+step reproduces ComfyUI's arithmetic to float rounding. Sigmas are the samplers' sigmas, never DDPM timesteps.
+
+Two parameterisations, as in ComfyUI:
+
+- ``"eps"`` (EPS, V_PREDICTION, EDM, X0 models: SD1.5, SD2.x, SDXL): ``x = x0 + sigma * eps``;
+- ``"flow"`` (CONST models, rectified flow: SD3, Flux): ``x = (1 - sigma) * x0 + sigma * eps``, sigma in [0, 1].
+
+The samplers use the same ``eps_hat`` in both; only some coefficients differ (``FLOW_SAMPLERS``).
 """
 
 from __future__ import annotations
@@ -121,6 +127,32 @@ def ddpm_step(sigma: float, sigma_next: float) -> AffineStep:
     return AffineStep(sigma, sigma_next, phi=phi, psi=psi, rho=rho)
 
 
+def euler_ancestral_rf_step(sigma: float, sigma_next: float, eta: float = 1.0, s_noise: float = 1.0) -> AffineStep:
+    """ComfyUI ``sample_euler_ancestral_RF`` (what euler_ancestral runs on flow models)::
+
+        sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        x = (sigma_down / sigma) * x + (1 - sigma_down / sigma) * denoised      # = x + (sigma_down - sigma) * eps_hat
+        x = (alpha_next / alpha_down) * x + noise * s_noise * renoise_coeff     # alpha = 1 - sigma
+
+    with ``renoise_coeff = sqrt(sigma_next^2 - sigma_down^2 * alpha_next^2 / alpha_down^2)``; ``denoised`` when
+    ``sigma_next == 0``.
+    """
+    if sigma_next == 0:
+        return AffineStep(sigma, sigma_next, phi=1.0, psi=-sigma, rho=0.0)
+    sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+    alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
+    if eta <= 0:
+        return AffineStep(sigma, sigma_next, phi=1.0, psi=sigma_down - sigma, rho=0.0)
+    renoise_coeff = (sigma_next**2 - sigma_down**2 * alpha_next**2 / alpha_down**2) ** 0.5
+    scale = alpha_next / alpha_down
+    return AffineStep(sigma, sigma_next, phi=scale, psi=scale * (sigma_down - sigma), rho=s_noise * renoise_coeff)
+
+
+def lcm_flow_step(sigma: float, sigma_next: float) -> AffineStep:
+    """ComfyUI ``sample_lcm`` on a flow model: ``noise_scaling`` is ``sigma_next * noise + (1 - sigma_next) * denoised``."""
+    return AffineStep(sigma, sigma_next, phi=1.0 - sigma_next, psi=-(1.0 - sigma_next) * sigma, rho=sigma_next)
+
+
 StepFunction = Callable[..., AffineStep]
 
 #: ComfyUI sampler name -> step function. Keyword options (eta, s_noise) are passed through.
@@ -132,7 +164,24 @@ SAMPLERS: dict[str, StepFunction] = {
     "ddpm": ddpm_step,
 }
 
+#: the same names on flow (CONST) models; ddpm works in DDPM units, which do not exist there
+FLOW_SAMPLERS: dict[str, StepFunction] = {
+    "euler": euler_step,
+    "ddim": euler_step,
+    "euler_ancestral": euler_ancestral_rf_step,
+    "lcm": lcm_flow_step,
+}
+
+PARAMETERIZATIONS = {"eps": SAMPLERS, "flow": FLOW_SAMPLERS}
+
 _SAMPLER_OPTIONS: dict[str, frozenset[str]] = {"euler_ancestral": frozenset({"eta", "s_noise"})}
+
+
+def noised(x0: Tensor, noise: Tensor, sigma: float, parameterization: str = "eps") -> Tensor:
+    """The latent at noise level ``sigma``: ``x0 + sigma * noise`` (eps) or ``(1 - sigma) * x0 + sigma * noise`` (flow)."""
+    if parameterization == "flow":
+        return (1.0 - sigma) * x0 + sigma * noise
+    return x0 + sigma * noise
 
 
 def sampler_options_allowed(sampler: str) -> frozenset[str]:
@@ -169,13 +218,18 @@ def check_sigmas(sigmas: Tensor | Sequence[float]) -> list[float]:
     return values
 
 
-def make_steps(sampler: str, sigmas: Tensor | Sequence[float], **options: float) -> list[AffineStep]:
+def make_steps(sampler: str, sigmas: Tensor | Sequence[float], parameterization: str = "eps", **options: float) -> list[AffineStep]:
     """The affine steps of ``sampler`` along a descending ``sigmas`` schedule (``len(sigmas) - 1`` steps)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; supported: {', '.join(SAMPLERS)}")
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization must be one of {sorted(PARAMETERIZATIONS)}, got {parameterization!r}")
+    samplers = PARAMETERIZATIONS[parameterization]
+    if sampler not in samplers:
+        raise ValueError(f"unknown sampler {sampler!r} for {parameterization} models; supported: {', '.join(samplers)}")
     unknown = set(options) - sampler_options_allowed(sampler)
     if unknown:
         raise ValueError(f"sampler {sampler!r} takes no option(s) {sorted(unknown)}")
     values = check_sigmas(sigmas)
-    step_function = SAMPLERS[sampler]
+    if parameterization == "flow" and values[0] > 1.0:
+        raise ValueError(f"flow-model sigmas lie in [0, 1]; the schedule starts at {values[0]:g}")
+    step_function = samplers[sampler]
     return [step_function(hi, lo, **options) for hi, lo in zip(values[:-1], values[1:])]
