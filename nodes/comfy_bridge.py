@@ -33,12 +33,6 @@ def schedule(model, scheduler: str, steps: int, denoise: float) -> Tensor:
     return sampler.sigmas.float().cpu()
 
 
-def sigma_at_timestep(model, timestep: float) -> float:
-    """The model's sigma for a DDPM timestep (for the reference's 'timestep < 250' rule)."""
-    model_sampling = model.get_model_object("model_sampling")
-    return float(model_sampling.sigma(torch.tensor([float(timestep)])).item())
-
-
 def sigma_min(model) -> float:
     """The model's smallest training sigma (0.0292 for SD1.5/SDXL)."""
     return float(model.get_model_object("model_sampling").sigma_min)
@@ -64,18 +58,26 @@ def model_family(model) -> str:
     return type(model.model.model_config).__name__
 
 
-def run_inversion(model, positive, negative, cfg: float, latent: dict, sigmas: Tensor, function: InversionFunction, seed: int) -> Tensor:
+def run_inversion(model, positive, negative, cfg: float, latent: dict, sigmas: Tensor, function: InversionFunction,
+                  seed: int) -> tuple[Tensor, Tensor | None]:
     """Run ``function`` as a sampler through ComfyUI's own CFGGuider, so the model is loaded and patched the
-    ComfyUI way and CFG, ControlNet, LoRA, hooks and model patches all apply. Returns the latent ``function``
-    produced, mapped back to LATENT space (``process_latent_out``), on the intermediate device.
+    ComfyUI way and CFG, ControlNet, LoRA, hooks and model patches all apply.
 
     The guider is given zero noise and the schedule reversed (ascending from its lowest sigma), so
-    ``noise_scaling`` hands the function the clean latent; the function sees the descending schedule.
+    ``noise_scaling`` hands the function the clean latent; the function sees the descending schedule and returns
+    the inverted latent ``x`` at ``sigmas[0]`` (the sampler's space).
+
+    Returns ``(samples, start_latent)`` on the intermediate device. ``samples`` is the LATENT from which ComfyUI's
+    samplers, given zero noise, start exactly at ``x``: ``process_latent_out(x)``, divided first by ``1 - sigma``
+    on flow models (whose ``noise_scaling`` multiplies the latent by it). At sigma 1 that factor is 0 and no
+    LATENT can carry ``x``: then ``start_latent`` is ``x`` itself (else None), for ReNoiseSampler to start from.
+    The guider's own result is not used: on flow models its ``inverse_noise_scaling`` divides by ``1 - sigma``.
     """
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
+    inverted = []
 
     def sampler_function(model_k, x, sigmas_ascending, extra_args=None, callback=None, disable=None):
         extra_args = {} if extra_args is None else extra_args
@@ -83,23 +85,42 @@ def run_inversion(model, positive, negative, cfg: float, latent: dict, sigmas: T
         def denoiser(x_in: Tensor, sigma: Tensor) -> Tensor:
             return model_k(x_in, sigma, **extra_args)
 
-        return function(denoiser, x, sigmas_ascending.flip(0))
+        inverted.append(function(denoiser, x, sigmas_ascending.flip(0)))
+        return inverted[-1]
 
-    sampler = comfy.samplers.KSAMPLER(sampler_function)
     noise = torch.zeros_like(latent_image)
-    samples = guider.sample(noise, latent_image, sampler, sigmas.flip(0), disable_pbar=True, seed=seed)
-    return samples.to(comfy.model_management.intermediate_device())
+    guider.sample(noise, latent_image, comfy.samplers.KSAMPLER(sampler_function), sigmas.flip(0), disable_pbar=True, seed=seed)
+    x = inverted[-1].float()
+    start_latent = None
+    if isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.CONST):
+        keep = 1.0 - float(sigmas[0])
+        if keep > 0:
+            x = x / keep
+        else:
+            start_latent = x.to(comfy.model_management.intermediate_device())
+    samples = model.model.process_latent_out(x)
+    return samples.to(comfy.model_management.intermediate_device()), start_latent
 
 
-def replaying_sampler(sampler_name: str, options: dict, prepare_run: Callable[[Tensor, Tensor, str], Callable | None]):
-    """A stock ComfyUI SAMPLER (``sampler_object(sampler_name)``) whose k-diffusion function gets, per run,
-    the ``noise_sampler`` returned by ``prepare_run(x, sigmas, model_family)`` (which validates the run and may raise)."""
+def sigma_at_timestep(model, timestep: float) -> float:
+    """The model's sigma at a timestep on the 0..1000 scale (the reference's 'timestep < 250' rule). Models whose
+    timesteps run 0..1 (Flux) get ``timestep / 1000``."""
+    model_sampling = model.get_model_object("model_sampling")
+    top = float(model_sampling.timestep(torch.tensor([float(model_sampling.sigma_max)])).item())
+    t = timestep / 1000.0 if top <= 1.0 + 1e-6 else timestep
+    return float(model_sampling.sigma(torch.tensor([float(t)])).item())
+
+
+def replaying_sampler(sampler_name: str, options: dict, prepare_run: Callable[[Tensor, Tensor, str], tuple[Tensor, Callable | None]]):
+    """A stock ComfyUI SAMPLER (``sampler_object(sampler_name)``) whose k-diffusion function starts, per run, from
+    the latent and with the ``noise_sampler`` that ``prepare_run(x, sigmas, model_family)`` returns (it validates
+    the run and may raise)."""
     stock = comfy.samplers.sampler_object(sampler_name)
     stock_function = stock.sampler_function
 
     def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None, **extra_options):
         base_model = model_k.inner_model.inner_model  # KSamplerX0Inpaint -> CFGGuider -> BaseModel
-        noise_sampler = prepare_run(x, sigmas, type(base_model.model_config).__name__)
+        x, noise_sampler = prepare_run(x, sigmas, type(base_model.model_config).__name__)
         if noise_sampler is not None:
             extra_options["noise_sampler"] = noise_sampler
         return stock_function(model_k, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **extra_options)

@@ -35,6 +35,9 @@ class InversionData:
     model_sampling: the model's sampling kind, e.g. ``"EPS"``, ``"V_PREDICTION"``, ``"EPS+LCM"``.
     model_family: ComfyUI's model config name (``"SD15"``, ``"SDXL"``, ...), checked when sampling.
     settings: the inversion settings, JSON-compatible (saved with the inversion).
+    start_latent: ``[B, C, H, W]``, the inverted latent in the sampler's space, kept only where a LATENT cannot
+        carry it: a flow model inverted up to sigma 1, where ComfyUI's ``noise_scaling`` multiplies the starting
+        latent by ``1 - sigma = 0``. ReNoiseSampler starts from it then.
     """
 
     noises: Tensor
@@ -48,6 +51,7 @@ class InversionData:
     settings: dict[str, Any] = field(default_factory=dict)
     diagnostics: tuple[StepDiagnostics, ...] = ()
     denoiser_calls: int = 0
+    start_latent: Tensor | None = None
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -56,6 +60,15 @@ class InversionData:
     @property
     def steps(self) -> int:
         return self.noises.shape[0]
+
+    @property
+    def parameterization(self) -> str:
+        """``"flow"`` for CONST (rectified-flow) models, else ``"eps"``."""
+        return parameterization_of(self.model_sampling)
+
+
+def parameterization_of(model_sampling: str) -> str:
+    return "flow" if model_sampling.startswith("CONST") else "eps"
 
 
 def match_schedule(sigmas: list[float], stored: list[float]) -> int:

@@ -30,6 +30,8 @@ class InversionFileError(ValueError):
 def save_inversion(path: str | os.PathLike, latent: dict, inversion: InversionData, pack_version: str) -> None:
     """Write ``latent`` (a LATENT dict) and ``inversion`` to ``path`` atomically."""
     tensors = {"latent": latent["samples"], "noises": inversion.noises, "sigmas": inversion.sigmas}
+    if inversion.start_latent is not None:
+        tensors["start_latent"] = inversion.start_latent
     steps = []
     for i, step in enumerate(inversion.diagnostics):
         tensors[f"diagnostics.{i}.change_norms"] = step.change_norms
@@ -115,6 +117,7 @@ def load_inversion(path: str | os.PathLike) -> tuple[dict, InversionData]:
             sampler_options=description["sampler_options"], model_sampling=description["model_sampling"],
             model_family=description["model_family"], seed=description["seed"], method=description["method"],
             settings=description["settings"], diagnostics=diagnostics, denoiser_calls=description["denoiser_calls"],
+            start_latent=tensors.get("start_latent"),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise InversionFileError(f"{name} is incomplete ({error!r} missing or malformed); save the inversion again.") from None

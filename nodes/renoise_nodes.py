@@ -33,6 +33,7 @@ from .inversion_data import (
     check_model_family,
     match_schedule,
     noise_replay,
+    parameterization_of,
 )
 
 CATEGORY = "sampling/renoise"
@@ -104,8 +105,8 @@ class ReNoiseInvert:
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, renoise_steps, seed,
                edit_loss=None, noise_correction=None, sigmas=None, average_start=8, first_step_below_timestep=250,
                first_step_renoise_steps=4, first_step_average_start=0, convergence_tol=0.0, eta=1.0, s_noise=1.0):
-        bridge, schedule = _prepare("ReNoiseInvert", model, positive, negative, latent_image, sampler_name, INVERTIBLE_SAMPLERS,
-                                    scheduler, steps, denoise, sigmas)
+        bridge, schedule, parameterization = _prepare("ReNoiseInvert", model, positive, negative, latent_image, sampler_name,
+                                                      INVERTIBLE_SAMPLERS, scheduler, steps, denoise, sigmas)
         config = ReNoiseConfig(
             renoise_steps=renoise_steps,
             average_start=average_start,
@@ -120,14 +121,14 @@ class ReNoiseInvert:
 
         def run(denoiser, x0, sigmas_descending, seeds, callback):
             return invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds, sampler_options=options,
-                          callback=callback)
+                          parameterization=parameterization, callback=callback)
 
         settings = {"cfg": cfg, "renoise_steps": renoise_steps, "average_start": average_start,
                     "first_step_below_timestep": first_step_below_timestep, "first_step_renoise_steps": first_step_renoise_steps,
                     "first_step_average_start": first_step_average_start, "convergence_tol": convergence_tol,
                     "edit_loss": dataclasses.asdict(edit_loss) if edit_loss else None,
                     "noise_correction": dataclasses.asdict(noise_correction) if noise_correction else None}
-        calls = planned_denoiser_calls(schedule, sampler_name, config, **options)
+        calls = planned_denoiser_calls(schedule, sampler_name, config, parameterization, **options)
         return _run("ReNoiseInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, calls, run,
                     method="renoise", sampler_name=sampler_name, options=options, settings=settings)
 
@@ -166,8 +167,8 @@ class EditFriendlyInvert:
 
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, skip, seed,
                sigmas=None, eta=1.0, s_noise=1.0):
-        bridge, schedule = _prepare("EditFriendlyInvert", model, positive, negative, latent_image, sampler_name,
-                                    STOCHASTIC_SAMPLERS, scheduler, steps, denoise, sigmas)
+        bridge, schedule, parameterization = _prepare("EditFriendlyInvert", model, positive, negative, latent_image, sampler_name,
+                                                      STOCHASTIC_SAMPLERS, scheduler, steps, denoise, sigmas)
         schedule = with_final_sigma(schedule, bridge.sigma_min(model))  # keep the last step's noise: exact reconstruction
         if not 0 <= skip < len(schedule) - 1:
             raise ValueError(f"EditFriendlyInvert: skip must be between 0 and steps - 1 = {len(schedule) - 2}, got {skip}")
@@ -175,7 +176,7 @@ class EditFriendlyInvert:
 
         def run(denoiser, x0, sigmas_descending, seeds, callback):
             return edit_friendly_invert(denoiser, x0, sigmas_descending, sampler_name, seed=seeds, sampler_options=options,
-                                        skip=skip, callback=callback)
+                                        parameterization=parameterization, skip=skip, callback=callback)
 
         return _run("EditFriendlyInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, len(schedule) - 1 - skip,
                     run, method="edit_friendly", sampler_name=sampler_name, options=options, settings={"cfg": cfg, "skip": skip})
@@ -186,12 +187,14 @@ def _sampler_options(sampler_name: str, eta: float, s_noise: float) -> dict:
 
 
 def _prepare(node, model, positive, negative, latent_image, sampler_name, allowed, scheduler, steps, denoise, sigmas):
-    """Checks shared by the inversion nodes; returns the bridge and the schedule (float32, descending)."""
+    """Checks shared by the inversion nodes; returns the bridge, the schedule (float32, descending) and the model's
+    parameterisation (``"eps"`` or ``"flow"``)."""
     bridge = host.bridge()
-    if bridge.model_sampling_kind(model).startswith("CONST"):
-        raise ValueError(f"{node}: flow-matching models (SD3, Flux; CONST model sampling) are not supported yet.")
+    parameterization = parameterization_of(bridge.model_sampling_kind(model))
     if sampler_name not in allowed:
         raise ValueError(f"{node}: sampler_name must be one of {allowed}, got {sampler_name!r}")
+    if parameterization == "flow" and sampler_name == "ddpm":
+        raise ValueError(f"{node}: ddpm works in DDPM units, which flow models (SD3, Flux) do not have; use euler_ancestral or lcm.")
     samples = _latent_samples(latent_image, node)
     _check_conditioning_batch(positive, "positive", samples.shape[0], node)
     _check_conditioning_batch(negative, "negative", samples.shape[0], node)
@@ -201,7 +204,10 @@ def _prepare(node, model, positive, negative, latent_image, sampler_name, allowe
         if not 0.0 < denoise <= 1.0:
             raise ValueError(f"{node}: denoise must be in (0, 1], got {denoise}; 0 would invert nothing")
         sigmas = bridge.schedule(model, scheduler, steps, denoise)
-    return bridge, _checked_schedule(sigmas, node)
+    schedule = _checked_schedule(sigmas, node)
+    if parameterization == "flow" and float(schedule[0]) > 1.0:
+        raise ValueError(f"{node}: a flow model's sigmas lie in [0, 1]; the schedule starts at {float(schedule[0]):g}.")
+    return bridge, schedule, parameterization
 
 
 def _run(node, bridge, model, positive, negative, cfg, latent_image, schedule, seed, total_calls, invert_function, *,
@@ -219,7 +225,7 @@ def _run(node, bridge, model, positive, negative, cfg, latent_image, schedule, s
         results.append(invert_function(denoiser, x0, sigmas_descending, seeds, progress.update))
         return results[-1].latent
 
-    latent_out = bridge.run_inversion(model, positive, negative, cfg, latent_image, schedule, run, seed)
+    latent_out, start_latent = bridge.run_inversion(model, positive, negative, cfg, latent_image, schedule, run, seed)
     inversion = results[-1]
     sigmas_out = inversion.sigmas.float()
     data = InversionData(
@@ -234,6 +240,7 @@ def _run(node, bridge, model, positive, negative, cfg, latent_image, schedule, s
         settings=settings,
         diagnostics=inversion.steps,
         denoiser_calls=inversion.denoiser_calls,
+        start_latent=start_latent,
     )
     out = {key: value for key, value in latent_image.items() if key not in ("samples", "noise_mask")}
     out["samples"] = latent_out
@@ -260,12 +267,15 @@ class ReNoiseSampler:
             raise ValueError("ReNoiseSampler: connect the `inversion` output of ReNoiseInvert.")
 
         def prepare_run(x, sigmas, model_family):
+            """Validate a sampling run; returns the latent to start from and the noise sampler (None: none needed)."""
             check_model_family(model_family, inversion)
             check_latent_shape(tuple(x.shape), inversion)
             schedule = sigmas.tolist()
             start = match_schedule(schedule, inversion.sigmas.tolist())
-            steps = make_steps(inversion.sampler_name, schedule, **inversion.sampler_options)
-            return noise_replay(inversion, start, x) if any(step.is_stochastic for step in steps) else None
+            steps = make_steps(inversion.sampler_name, schedule, inversion.parameterization, **inversion.sampler_options)
+            if start == 0 and inversion.start_latent is not None:  # flow model at sigma 1: ComfyUI zeroed the latent
+                x = inversion.start_latent.to(x)
+            return x, noise_replay(inversion, start, x) if any(step.is_stochastic for step in steps) else None
 
         return (host.bridge().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run),)
 

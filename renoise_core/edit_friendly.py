@@ -1,8 +1,9 @@
 """Edit-friendly DDPM inversion (Huberman-Spiegelglas, Kulikov and Michaeli, CVPR 2024), on the affine steps.
 
 Instead of inverting the sampler, draw auxiliary latents ``x_i = x0 + sigma_i * n_i`` (flow models:
-``(1 - sigma_i) x0 + sigma_i n_i``) with statistically independent ``n_i ~ N(0, I)`` and extract, from the top step down, the noise that makes each
-forward step land exactly on the next auxiliary latent (the paper's Algorithm 1, Eq. 4 per step)::
+``(1 - sigma_i) x0 + sigma_i n_i``) with statistically independent ``n_i ~ N(0, I)`` and extract, from the top
+step down, the noise that makes each forward step land exactly on the next auxiliary latent (the paper's
+Algorithm 1, Eq. 4 per step)::
 
     z_i = required_noise(x_i, x_{i+1}, eps_hat(x_i, sigma_i))
     x_{i+1} <- step_i.forward(x_i, eps_hat, z_i)          (recomputed, so rounding does not accumulate)

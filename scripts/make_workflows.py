@@ -223,6 +223,7 @@ CHECKPOINTS = {
     "sdxl_base": "sd_xl_base_1.0.safetensors",
     "sd15": "v1-5-pruned-emaonly.safetensors",
     "lcm_lora_sdxl": "lcm-lora-sdxl.safetensors",
+    "flux_schnell": "flux1-schnell-fp8.safetensors",
 }
 
 
@@ -278,12 +279,24 @@ def sd15_edit_friendly_ddpm() -> Graph:
     return g
 
 
+def flux_schnell_edit() -> Graph:
+    """Flux schnell (a flow model), 4 steps: euler_ancestral (ComfyUI runs its RF variant) with noise correction;
+    no edit losses (tuned for SDXL-Turbo) and no guidance (schnell is distilled)."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (-380, 300), ckpt_name=CHECKPOINTS["flux_schnell"])
+    inversion_and_edit(g, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), size=1024, sampler="euler_ancestral",
+                       scheduler="simple", steps=4, renoise_steps=9, edit_cfg=1.0, noise_correction=NOISE_CORRECTION_DEFAULTS,
+                       prefix="renoise/flux_schnell_edit")
+    return g
+
+
 WORKFLOWS = {
     "sdxl_turbo_edit": sdxl_turbo_edit,
     "lcm_lora_edit": lcm_lora_edit,
     "sd15_ddim_edit": sd15_ddim_edit,
     "sdxl_ddim_reconstruct": sdxl_ddim_reconstruct,
     "sd15_edit_friendly_ddpm": sd15_edit_friendly_ddpm,
+    "flux_schnell_edit": flux_schnell_edit,
 }
 
 

@@ -74,10 +74,19 @@ CALLS = {"run_inversion": 0}
 
 
 def run_inversion(model, positive, negative, cfg, latent, sigmas, function, seed):
+    """Same contract as the bridge: LATENT samples from which zero-noise sampling starts at the inverted latent
+    (flow: divided by 1 - sigma first), and the inverted latent itself where no LATENT can carry it."""
     CALLS["run_inversion"] += 1
     x = latent["samples"] * LATENT_SCALE  # process_latent_in (a new tensor, as ComfyUI's)
-    out = function(guided_denoiser(model, positive, negative, cfg), x, sigmas)
-    return (out / LATENT_SCALE).float().cpu()  # process_latent_out, intermediate device
+    out = function(guided_denoiser(model, positive, negative, cfg), x, sigmas).float()
+    start_latent = None
+    if model.kind.startswith("CONST"):
+        keep = 1.0 - float(sigmas[0])
+        if keep > 0:
+            out = out / keep
+        else:
+            start_latent = out
+    return (out / LATENT_SCALE).cpu(), start_latent  # process_latent_out, intermediate device
 
 
 class FakeSampler:
@@ -89,9 +98,12 @@ class FakeSampler:
     def sample_custom(self, model, positive, negative, cfg, latent, sigmas):
         """What SamplerCustom does with add_noise off."""
         x = latent["samples"] * LATENT_SCALE
-        noise_sampler = self.prepare_run(x, sigmas, model.family)
+        flow = model.kind.startswith("CONST")
+        if flow:
+            x = (1.0 - float(sigmas[0])) * x  # CONST.noise_scaling with zero noise
+        x, noise_sampler = self.prepare_run(x, sigmas, model.family)
         denoiser = guided_denoiser(model, positive, negative, cfg)
-        for step in make_steps(self.sampler_name, sigmas, **self.options):
+        for step in make_steps(self.sampler_name, sigmas, "flow" if flow else "eps", **self.options):
             sigma = torch.full((x.shape[0],), step.sigma)
             eps = (x - denoiser(x, sigma)) / step.sigma
             noise = noise_sampler(torch.tensor(step.sigma), torch.tensor(step.sigma_next)) if step.is_stochastic else None

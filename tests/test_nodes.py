@@ -185,9 +185,36 @@ def test_sampling_with_another_model_family_is_refused(graph):
         replay(other, latent, inversion, sigmas)
 
 
-def test_flow_models_are_refused_clearly(graph):
-    with pytest.raises(ValueError, match="flow-matching models"):
-        invert(dict(graph, model=FakeModel(graph["model"].mixture, kind="CONST")))
+@pytest.fixture
+def flow_graph():
+    from renoise_core.analytic import GaussianMixture
+
+    mixture = GaussianMixture.random(components=16, shape=(16, 8, 8), std=1.0, seed=0, parameterization="flow")
+    x0 = mixture.sample([3, 5], seed=1)
+    return {"model": FakeModel(mixture, kind="CONST", family="FluxSchnell"), "positive": conditioning(mixture, 3),
+            "negative": conditioning(mixture, None), "latent_image": {"samples": x0 / fake_comfy.LATENT_SCALE}, "x0": x0}
+
+
+@pytest.mark.parametrize("denoise", [1.0, 0.6])
+def test_flow_models_invert_and_replay(flow_graph, denoise):
+    """At sigma 1 no LATENT can carry the inverted latent (ComfyUI's noise scaling multiplies it by 0): the
+    inversion carries it for ReNoiseSampler. Below 1 the LATENT is pre-divided by 1 - sigma."""
+    schedule = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    if denoise < 1:
+        schedule = torch.tensor([0.6, 0.4, 0.2, 0.0])
+    (nc,) = NODES["NoiseCorrection"]().build("exact", 10, 1.8)
+    latent, inversion, sigmas = invert(flow_graph, sigmas=schedule, noise_correction=nc, first_step_below_timestep=250)
+    assert inversion.parameterization == "flow"
+    assert (inversion.start_latent is not None) == (denoise == 1.0)
+    out = replay(flow_graph, latent, inversion, sigmas)
+    from renoise_core.analytic import psnr
+
+    assert psnr(out["samples"] * fake_comfy.LATENT_SCALE, flow_graph["x0"]).min() > 40
+
+
+def test_flow_models_refuse_ddpm(flow_graph):
+    with pytest.raises(ValueError, match="ddpm works in DDPM units"):
+        invert(flow_graph, sampler_name="ddpm", sigmas=torch.tensor([1.0, 0.5, 0.0]))
 
 
 def test_sampler_refuses_mismatched_runs(graph):

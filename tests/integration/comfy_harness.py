@@ -463,12 +463,20 @@ def scenario_workflows(workdir: Path) -> dict:
 
     save_file({"lora_unet_input_blocks_4_1_proj_in.alpha": torch.tensor(1.0)}, str(loras / make_workflows.CHECKPOINTS["lcm_lora_sdxl"]))
     shutil.copy(COMFYUI_PATH / "input" / "example.png", workdir / "input" / "example.png")
+    # Flux needs a T5-XXL text encoder whose size ComfyUI fixes (4.7B parameters): no tiny checkpoint is possible,
+    # so that workflow is validated against a placeholder file and not run (its nodes run in scenario_flow).
+    save_file({"placeholder": torch.zeros(1)}, str(checkpoints / make_workflows.CHECKPOINTS["flux_schnell"]))
+    validate_only = {"flux_schnell_edit"}
 
     for name in make_workflows.WORKFLOWS:
         prompt = json.loads((PACK_DIR / "workflows" / "api" / f"{name}.json").read_text())
         for entry in prompt.values():
             if entry["class_type"] == "ImageScale":
                 entry["inputs"].update(width=128, height=128)
+        if name in validate_only:
+            valid = asyncio.run(execution.validate_prompt("1", prompt, None))
+            results[name] = {"valid": valid[0], "validated_only": True, "error": None if valid[0] else str(valid[1])}
+            continue
         before = set((workdir / "output").rglob("*.png"))
         result = run_prompt(prompt)
         result["saved"] = sorted(str(p.relative_to(workdir / "output")) for p in set((workdir / "output").rglob("*.png")) - before)
@@ -512,7 +520,157 @@ def scenario_files(workdir: Path) -> dict:
     return results
 
 
-SCENARIOS = {"analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows,
+# --- flow models (Flux architecture, CONST sampling) -----------------------------------------------------------
+
+FLOW_MIXTURE = GaussianMixture.random(components=NUM_CLASSES, shape=(16, 16, 16), std=1.0, seed=0, parameterization="flow")
+FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
+
+
+class AnalyticFlowNet(torch.nn.Module):
+    """Replaces Flux's ``diffusion_model``: receives ``x`` and the timestep (sigma for ModelSamplingFlux, 1000 sigma
+    for ModelSamplingSD3's discrete flow), returns ``(x - E[x0 | x]) / sigma``, which CONST turns back into
+    ``E[x0 | x]``."""
+
+    def __init__(self, timestep_scale: float):
+        super().__init__()
+        self.timestep_scale = timestep_scale
+        self.dtype = torch.float32
+
+    def forward(self, x, timestep, context=None, y=None, guidance=None, **kwargs):
+        sigma = timestep.double() / self.timestep_scale
+        prior = context[:, 0, :NUM_CLASSES].double()
+        prior = prior / prior.sum(1, keepdim=True)
+        x0 = FLOW_MIXTURE.posterior_mean(x.double(), sigma, prior).double()
+        return ((x.double() - x0) / sigma.view(-1, 1, 1, 1)).float()
+
+
+def analytic_flux(timestep_scale: float):
+    config = comfy.supported_models.FluxSchnell({
+        "image_model": "flux", "guidance_embed": False, "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
+        "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1,
+        "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True})
+    model = config.get_model({}, device="cpu")
+    model.diffusion_model = AnalyticFlowNet(timestep_scale)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+class AnalyticFluxModel:
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"timestep_scale": ("FLOAT", {"default": 1.0})}}
+
+    def load(self, timestep_scale):
+        return (analytic_flux(timestep_scale),)
+
+
+class FlowConditioning:
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"class_index": ("INT", {"default": -1, "min": -1, "max": NUM_CLASSES - 1})}}
+
+    def encode(self, class_index):
+        context = torch.zeros((1, 8, 4096))
+        context[0, 0, :NUM_CLASSES] = FLOW_MIXTURE.prior(None if class_index < 0 else [class_index])[0].float()
+        return ([[context, {"pooled_output": torch.zeros((1, 768))}]],)
+
+
+class FlowLatent:
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"classes": ("STRING", {"default": "3"})}}
+
+    def make(self, classes):
+        x0 = FLOW_MIXTURE.sample([int(c) for c in classes.split(",")], seed=1)
+        CAPTURED["x0"] = x0
+        return ({"samples": x0 / FLUX_SCALE + FLUX_SHIFT},)  # LATENT space of Flux
+
+
+class CaptureFlowLatent:
+    RETURN_TYPES = ()
+    FUNCTION = "capture"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "name": ("STRING", {"default": "out"})}}
+
+    def capture(self, samples, name):
+        CAPTURED[name] = (samples["samples"].clone() - FLUX_SHIFT) * FLUX_SCALE
+        return {}
+
+
+TEST_NODES.update({"AnalyticFluxModel": AnalyticFluxModel, "FlowConditioning": FlowConditioning, "FlowLatent": FlowLatent,
+                   "CaptureFlowLatent": CaptureFlowLatent})
+
+
+def flow_graph(patch: str, sampler: str, renoise_steps: int, *, noise_correction=None, denoise=1.0, edit_friendly=False) -> dict:
+    """Flux (schnell architecture) with ModelSamplingFlux or ModelSamplingSD3, ReNoiseInvert (or
+    EditFriendlyInvert) -> ReNoiseSampler -> SamplerCustom."""
+    scale = 1.0 if patch == "flux" else 1000.0
+    prompt = {
+        "1": {"class_type": "AnalyticFluxModel", "inputs": {"timestep_scale": scale}},
+        "2": {"class_type": "FlowConditioning", "inputs": {"class_index": 3}},
+        "3": {"class_type": "FlowConditioning", "inputs": {"class_index": -1}},
+        "4": {"class_type": "FlowLatent", "inputs": {"classes": "3,5"}},
+        "6": {"class_type": "ReNoiseInvert", "inputs": {
+            "model": ["11", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "sampler_name": sampler,
+            "scheduler": "simple", "steps": 4, "denoise": denoise, "cfg": 1.0, "renoise_steps": renoise_steps, "seed": 7865}},
+        "7": {"class_type": "ReNoiseSampler", "inputs": {"inversion": ["6", 1]}},
+        "8": {"class_type": "SamplerCustom", "inputs": {
+            "model": ["11", 0], "add_noise": False, "noise_seed": 0, "cfg": 1.0, "positive": ["2", 0], "negative": ["3", 0],
+            "sampler": ["7", 0], "sigmas": ["6", 2], "latent_image": ["6", 0]}},
+        "9": {"class_type": "CaptureFlowLatent", "inputs": {"samples": ["8", 0], "name": "reconstruction"}},
+    }
+    if patch == "flux":
+        prompt["11"] = {"class_type": "ModelSamplingFlux", "inputs": {"model": ["1", 0], "max_shift": 1.15, "base_shift": 0.5,
+                                                                      "width": 128, "height": 128}}
+    else:
+        prompt["11"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 3.0}}
+    if noise_correction:
+        prompt["5"] = {"class_type": "NoiseCorrection", "inputs": {"mode": noise_correction, "steps": 10, "step_size": 1.8}}
+        prompt["6"]["inputs"]["noise_correction"] = ["5", 0]
+    if edit_friendly:
+        inputs = prompt["6"]["inputs"]
+        del inputs["renoise_steps"]
+        prompt["6"] = {"class_type": "EditFriendlyInvert", "inputs": dict(inputs, skip=0)}
+    return prompt
+
+
+def scenario_flow(workdir: Path) -> dict:
+    cases = {
+        "flux_euler_k0": dict(patch="flux", sampler="euler", renoise_steps=0),
+        "flux_euler_k9": dict(patch="flux", sampler="euler", renoise_steps=9),
+        "flux_ea_k9_exact": dict(patch="flux", sampler="euler_ancestral", renoise_steps=9, noise_correction="exact"),
+        "flux_ea_k9_none": dict(patch="flux", sampler="euler_ancestral", renoise_steps=9),
+        "sd3shift_euler_k0": dict(patch="sd3", sampler="euler", renoise_steps=0),
+        "sd3shift_euler_k9": dict(patch="sd3", sampler="euler", renoise_steps=9),
+        "sd3shift_lcm_exact": dict(patch="sd3", sampler="lcm", renoise_steps=9, noise_correction="exact"),
+        "flux_partial_ea_exact": dict(patch="flux", sampler="euler_ancestral", renoise_steps=9, noise_correction="exact", denoise=0.6),
+        "flux_edit_friendly": dict(patch="flux", sampler="euler_ancestral", renoise_steps=0, edit_friendly=True),
+    }
+    results = {}
+    for name, kwargs in cases.items():
+        CAPTURED.clear()
+        result = run_prompt(flow_graph(**kwargs))
+        result["psnr"] = reconstruction_db(result)
+        results[name] = result
+    return results
+
+
+SCENARIOS = {"flow": scenario_flow, "analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows,
              "files": scenario_files}
 
 

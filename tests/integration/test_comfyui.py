@@ -118,6 +118,7 @@ def test_every_api_workflow_validates_and_runs(tmp_path):
     results = run_scenario("workflows", tmp_path)
     assert results.pop("core_spec_mismatches") == []
     assert {"sdxl_turbo_edit", "lcm_lora_edit", "sd15_ddim_edit", "sdxl_ddim_reconstruct"} <= set(results)
+    assert results.pop("flux_schnell_edit") == {"valid": True, "validated_only": True, "error": None}
     for name, result in results.items():
         assert ok(result) and len(result["saved"]) == 2, (name, result)  # reconstruction and edit
 
@@ -134,3 +135,19 @@ def test_save_and_load_inversion_in_comfyui(tmp_path):
 def test_edit_friendly_inversion_reconstructs_exactly(analytic):
     assert ok(analytic["edit_friendly_ddpm_cfg3"])["psnr"] > 80.0
     assert ok(analytic["edit_friendly_lcm_patched"])["psnr"] > 80.0
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory) -> dict:
+    return run_scenario("flow", tmp_path_factory.mktemp("comfy_flow"))
+
+
+def test_flow_models_through_the_real_host(flow):
+    """A Flux-architecture model with ModelSamplingFlux or ModelSamplingSD3 (shift 3): ReNoise against plain
+    inversion, noise correction, a schedule starting at sigma 1 (ComfyUI zeroes LATENTs there) and below it."""
+    assert ok(flow["flux_euler_k9"])["psnr"] > ok(flow["flux_euler_k0"])["psnr"] + 30.0
+    assert ok(flow["sd3shift_euler_k9"])["psnr"] > ok(flow["sd3shift_euler_k0"])["psnr"] + 30.0
+    assert ok(flow["flux_ea_k9_exact"])["psnr"] > ok(flow["flux_ea_k9_none"])["psnr"] + 20.0
+    assert ok(flow["sd3shift_lcm_exact"])["psnr"] > 60.0
+    assert ok(flow["flux_partial_ea_exact"])["psnr"] > 45.0
+    assert ok(flow["flux_edit_friendly"])["psnr"] > 80.0
