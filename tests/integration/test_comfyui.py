@@ -151,3 +151,17 @@ def test_flow_models_through_the_real_host(flow):
     assert ok(flow["sd3shift_lcm_exact"])["psnr"] > 60.0
     assert ok(flow["flux_partial_ea_exact"])["psnr"] > 45.0
     assert ok(flow["flux_edit_friendly"])["psnr"] > 80.0
+
+
+def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu_bench.py --smoke: tiny SD1.5 model on the CPU; the same code measures on CUDA."""
+    completed = subprocess.run(
+        [comfy_python(), str(HARNESS.parents[2] / "benchmarks" / "gpu_bench.py"), "--smoke", "--repeats", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "COMFYUI_PATH": COMFYUI_PATH},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_bench.json").read_text())
+    (row,) = report["rows"]
+    assert row["denoiser_calls"] == 38 and row["plain_calls"] == 4
+    assert row["floor_s"] > 0 and row["renoise_s"] > 0
+    assert "| sd15 | 64 | 1 | 38 |" in (tmp_path / "gpu_bench.md").read_text()
