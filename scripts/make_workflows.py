@@ -192,9 +192,9 @@ def reconstruction_and_edit(g: Graph, model, vae, invert: Node, source, target, 
                         sampler=(replay, "SAMPLER"), sigmas=(invert, "sigmas"), latent_image=(invert, "latent"))
             out_name = "output"
         decoded.append(g.add("VAEDecode", (x0 + 1860, 200 + 300 * row), samples=(out, out_name), vae=vae))
-    both = g.add("ImageBatch", (x0 + 2100, 300), title="Reconstruction | Edit", image1=(decoded[0], "IMAGE"),
+    both = g.add("ImageBatch", (x0 + 2220, 300), title="Reconstruction | Edit", image1=(decoded[0], "IMAGE"),
                  image2=(decoded[1], "IMAGE"))
-    g.add("SaveImage", (x0 + 2400, 300), images=(both, "IMAGE"), filename_prefix=prefix)
+    g.add("SaveImage", (x0 + 2580, 300), images=(both, "IMAGE"), filename_prefix=prefix)
 
 
 def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, scheduler: str, steps: int,
@@ -300,6 +300,41 @@ WORKFLOWS = {
 }
 
 
+LINK_COLOURS = {"MODEL": (180, 160, 255), "CLIP": (255, 210, 80), "VAE": (255, 110, 110), "CONDITIONING": (255, 170, 60),
+                "LATENT": (255, 140, 200), "IMAGE": (100, 180, 255), "SIGMAS": (140, 230, 140), "SAMPLER": (230, 230, 140),
+                "RENOISE_INVERSION": (90, 220, 220), "EDIT_LOSS_CONFIG": (200, 200, 200), "NOISE_CORRECTION": (200, 200, 200)}
+
+
+def thumbnail(graph: Graph, size: tuple[int, int] = (640, 360)):
+    """A schematic of the graph for the template browser: nodes as boxes (this pack's in teal), links by type."""
+    from PIL import Image, ImageDraw
+
+    xs = [n.pos[0] for n in graph.nodes] + [n.pos[0] + _width(n) for n in graph.nodes]
+    ys = [n.pos[1] for n in graph.nodes] + [n.pos[1] + _height(n) for n in graph.nodes]
+    margin = 16
+    scale = min((size[0] - 2 * margin) / (max(xs) - min(xs)), (size[1] - 2 * margin) / (max(ys) - min(ys)))
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return margin + (x - min(xs)) * scale, margin + (y - min(ys)) * scale
+
+    image = Image.new("RGB", size, (32, 32, 36))
+    draw = ImageDraw.Draw(image)
+    for node in graph.nodes:
+        for name, value in node.values.items():
+            if isinstance(value, tuple) and isinstance(value[0], Node):
+                source = value[0]
+                kind = dict(NODE_SPECS[node.type][0])[name]
+                start = px(source.pos[0] + _width(source), source.pos[1] + 20)
+                end = px(node.pos[0], node.pos[1] + 20)
+                draw.line([start, end], fill=LINK_COLOURS.get(kind, (200, 200, 200)), width=2)
+    for node in graph.nodes:
+        ours = node.type in ("ReNoiseInvert", "ReNoiseSampler", "NoiseCorrection", "EditLossConfig", "EditFriendlyInvert")
+        box = [*px(*node.pos), *px(node.pos[0] + _width(node), node.pos[1] + _height(node))]
+        draw.rounded_rectangle(box, radius=4, fill=(20, 110, 120) if ours else (60, 60, 66), outline=(140, 140, 150))
+        draw.text((box[0] + 3, box[1] + 2), (node.title or node.type)[:28], fill=(235, 235, 235))
+    return image
+
+
 def render(name: str) -> dict[str, str]:
     """File name -> text, for one workflow."""
     graph = WORKFLOWS[name]()
@@ -312,6 +347,8 @@ def main() -> None:
         for filename, text in render(name).items():
             (WORKFLOWS_DIR / filename).write_text(text)
             print(f"wrote workflows/{filename}")
+        thumbnail(WORKFLOWS[name]()).save(WORKFLOWS_DIR / f"{name}.jpg", quality=90)
+        print(f"wrote workflows/{name}.jpg")
 
 
 if __name__ == "__main__":

@@ -140,3 +140,21 @@ def test_turbo_workflow_uses_the_reference_defaults():
     assert by_type["EditLossConfig"] == {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4, "ac_rolls": 5, "patch_size": 4}
     assert by_type["NoiseCorrection"] == {"mode": "optimize", "steps": 10, "step_size": 1.8}
     assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "sd_xl_turbo_1.0_fp16.safetensors"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_workflow_has_a_thumbnail(name):
+    from PIL import Image
+
+    with Image.open(WORKFLOWS / f"{name}.jpg") as image:
+        assert image.format == "JPEG" and image.size == (640, 360)
+
+
+def test_nodes_do_not_overlap_in_the_ui():
+    for name in NAMES:
+        ui, _ = load(name)
+        boxes = [(n["pos"][0], n["pos"][1], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1], n["id"]) for n in ui["nodes"]]
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+                assert not overlap, (name, a[4], b[4])
