@@ -116,19 +116,20 @@ def draw_rolls(rng: np.random.Generator, height: int, channels: int, count: int)
     return (rng.random((count, len(bounds), channels)) * bounds[None, :, None]).astype(np.int64)
 
 
-def regularize_noise_prediction(eps: Tensor, eps_ref: Tensor | None, rolls: Tensor, config: EditLossConfig) -> Tensor:
+def regularize_noise_prediction(eps: Tensor, eps_ref: Tensor | None, rolls: Tensor | None, config: EditLossConfig) -> Tensor:
     """Apply the edit-loss gradient steps to ``eps`` (``[B, C, H, W]``); returns a new tensor.
 
     ``eps_ref`` is the reference prediction (needed when ``lambda_kl > 0``). ``rolls`` holds the pair-loss shifts,
-    int64 ``[reg_steps, ac_rolls, levels, B, C]`` on ``eps``'s device. Works under ``torch.inference_mode()``:
-    the gradient is taken on fresh copies outside it, and no input is modified.
+    int64 ``[reg_steps, ac_rolls, levels, B, C]`` on ``eps``'s device (needed when ``lambda_ac > 0``). Works under
+    ``torch.inference_mode()``: the gradient is taken on fresh copies outside it, and no input is modified.
     """
     if config.uses_reference and eps_ref is None:
         raise ValueError("lambda_kl > 0 needs the reference prediction eps_ref")
+    if config.lambda_ac > 0 and rolls is None:
+        raise ValueError("lambda_ac > 0 needs the pair-loss shifts (rolls)")
     with torch.inference_mode(False), torch.enable_grad():
         eps = eps.detach().clone()
         eps_ref = eps_ref.detach().clone() if config.uses_reference else None
-        rolls = rolls.clone()
         for outer in range(config.reg_steps):
             if config.lambda_kl > 0:
                 grad = _gradient(lambda e: patch_kl_loss(e, eps_ref, config.patch_size).sum(), eps)

@@ -263,7 +263,6 @@ def invert(
         sigma_batch = torch.full((batch,), step.sigma, device=device, dtype=dtype)
         x_next, noise = x, noises[i]
         step_rolls = iter(rolls[i]) if rolls is not None else None
-        no_rolls = torch.zeros(0, dtype=torch.long, device=device)
 
         eps_ref = None
         estimate = x_next
@@ -279,7 +278,7 @@ def invert(
                 eps = eps_hat(estimate, step.sigma, sigma_batch)
             if k >= average_start:
                 if edit is not None:
-                    eps = regularize_noise_prediction(eps, eps_ref, next(step_rolls) if step_rolls else no_rolls, edit)
+                    eps = _regularize(eps, eps_ref, step_rolls, edit)
                 eps_sum = eps if eps_sum is None else eps_sum + eps
                 averaged += 1
             new_estimate = step.inverse(x_next, eps, noise)
@@ -297,10 +296,10 @@ def invert(
         if averaged == 0:  # stopped early, before the averaging window: the last prediction is the estimate
             eps_sum, averaged = eps, 1
             if edit is not None:
-                eps_sum = regularize_noise_prediction(eps, eps_ref, next(step_rolls) if step_rolls else no_rolls, edit)
+                eps_sum = _regularize(eps, eps_ref, step_rolls, edit)
         eps_mean = eps_sum / averaged
         if edit is not None:
-            eps_mean = regularize_noise_prediction(eps_mean, eps_ref, next(step_rolls) if step_rolls else no_rolls, edit)
+            eps_mean = _regularize(eps_mean, eps_ref, step_rolls, edit)
         x = step.inverse(x_next, eps_mean, noise)
 
         if config.noise_correction is not None and step.is_stochastic:
@@ -337,6 +336,13 @@ def invert(
         steps=tuple(diagnostics),
         trajectory=torch.stack(trajectory[::-1]) if keep_trajectory else None,
     )
+
+
+def _regularize(eps: Tensor, eps_ref: Tensor | None, step_rolls, edit: EditLossConfig) -> Tensor:
+    """The edit-loss steps on one prediction, with the next set of this step's pair-loss shifts (none when
+    ``lambda_ac = 0``)."""
+    shifts = next(step_rolls) if step_rolls is not None else None
+    return regularize_noise_prediction(eps, eps_ref, shifts, edit)
 
 
 def _stack_rows(rows: list[Tensor], batch: int, device: torch.device) -> Tensor:
