@@ -288,7 +288,6 @@ def invert(
                 change_norms.append(change)
                 relative_changes.append(relative)
                 if config.convergence_tol is not None and bool((relative < config.convergence_tol).all()):
-                    estimate = new_estimate
                     break
             estimate = new_estimate
         evaluations = k + 1
