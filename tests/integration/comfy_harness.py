@@ -96,11 +96,16 @@ class AnalyticUNet(torch.nn.Module):
         return eps.float()
 
 
-def analytic_model(prediction: str = "eps"):
-    config = comfy.supported_models.SD15(tiny_unet_config())
-    model = config.get_model({}, device="cpu")  # for "v", patch with ModelSamplingDiscrete v_prediction
-    model.diffusion_model = AnalyticUNet(model.model_sampling.sigmas, prediction)
+def with_network(model_config, make_network):
+    """A ComfyUI model of ``model_config`` whose ``diffusion_model`` is ``make_network(model)``, as a MODEL."""
+    model = model_config.get_model({}, device="cpu")
+    model.diffusion_model = make_network(model)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def analytic_model(prediction: str = "eps"):
+    """For "v", the graph patches the model with ModelSamplingDiscrete v_prediction."""
+    return with_network(comfy.supported_models.SD15(tiny_unet_config()), lambda m: AnalyticUNet(m.model_sampling.sigmas, prediction))
 
 
 # --- test-only nodes ------------------------------------------------------------------------------------------
@@ -549,9 +554,7 @@ def analytic_flux(timestep_scale: float):
         "image_model": "flux", "guidance_embed": False, "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
         "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1,
         "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True})
-    model = config.get_model({}, device="cpu")
-    model.diffusion_model = AnalyticFlowNet(timestep_scale)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return with_network(config, lambda m: AnalyticFlowNet(timestep_scale))
 
 
 class AnalyticFluxModel:
