@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .inversion import Denoiser, Inversion, StepDiagnostics, _seeds_for, draw_noises
+from .inversion import Denoiser, Inversion, StepDiagnostics, _seeds_for, check_latent, draw_noises
 from .samplers import check_sigmas, make_steps, noised
 
 
@@ -59,10 +59,7 @@ def edit_friendly_invert(
         raise ValueError(f"edit-friendly inversion needs a stochastic sampler (ddpm, euler_ancestral, lcm); {sampler!r} adds no noise")
     if not 0 <= skip < len(steps):
         raise ValueError(f"skip must be between 0 and {len(steps) - 1} (steps - 1), got {skip}")
-    if x0.ndim != 4 or x0.numel() == 0:
-        raise ValueError(f"x0 must be a non-empty latent batch [B, C, H, W], got shape {tuple(x0.shape)}")
-    if not bool(torch.isfinite(x0).all()):
-        raise ValueError("x0 contains NaN or Inf values; check the image/VAE encode that produced the latent")
+    check_latent(x0)
 
     dtype = torch.promote_types(x0.dtype, torch.float32)
     batch = x0.shape[0]

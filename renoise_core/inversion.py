@@ -214,12 +214,7 @@ def invert(
     """
     sampler_options = dict(sampler_options or {})
     steps = make_steps(sampler, sigmas, parameterization, **sampler_options)
-    if x0.ndim != 4:
-        raise ValueError(f"x0 must be a latent batch [B, C, H, W], got shape {tuple(x0.shape)}")
-    if x0.numel() == 0:
-        raise ValueError(f"x0 is empty (shape {tuple(x0.shape)})")
-    if not bool(torch.isfinite(x0).all()):
-        raise ValueError("x0 contains NaN or Inf values; check the image/VAE encode that produced the latent")
+    check_latent(x0)
 
     dtype = torch.promote_types(x0.dtype, torch.float32)
     device = x0.device
@@ -228,10 +223,8 @@ def invert(
     drawn, reference_noise = draw_noises(x0.shape, len(steps), seeds)
     if noises is None:
         noises = drawn
-    elif tuple(noises.shape) != (len(steps),) + tuple(x0.shape):
-        raise ValueError(
-            f"noises must have shape [steps, B, C, H, W] = {[len(steps)] + list(x0.shape)}, got {list(noises.shape)}"
-        )
+    else:
+        _check_noises(noises, len(steps), x0)
     noises = noises.to(device=device, dtype=dtype, copy=True)
     reference_noise = reference_noise.to(device=device, dtype=dtype)
     x0 = x0.to(dtype)
@@ -344,6 +337,21 @@ def _regularize(eps: Tensor, eps_ref: Tensor | None, step_rolls, edit: EditLossC
     return regularize_noise_prediction(eps, eps_ref, shifts, edit)
 
 
+def check_latent(x0: Tensor) -> None:
+    """A latent to invert: ``[B, C, H, W]``, not empty, finite (one read from the device, before any loop)."""
+    if x0.ndim != 4:
+        raise ValueError(f"x0 must be a latent batch [B, C, H, W], got shape {tuple(x0.shape)}")
+    if x0.numel() == 0:
+        raise ValueError(f"x0 is empty (shape {tuple(x0.shape)})")
+    if not bool(torch.isfinite(x0).all()):
+        raise ValueError("x0 contains NaN or Inf values; check the image/VAE encode that produced the latent")
+
+
+def _check_noises(noises: Tensor, steps: int, x: Tensor) -> None:
+    if tuple(noises.shape) != (steps,) + tuple(x.shape):
+        raise ValueError(f"noises must have shape [steps, B, C, H, W] = {[steps] + list(x.shape)}, got {list(noises.shape)}")
+
+
 def _stack_rows(rows: list[Tensor], batch: int, device: torch.device) -> Tensor:
     return torch.stack(rows) if rows else torch.zeros((0, batch), device=device)
 
@@ -409,10 +417,7 @@ def sample(
     if any(s.is_stochastic for s in steps):
         if noises is None:
             raise ValueError(f"sampler {sampler!r} is stochastic: pass the inversion's noises to replay")
-        if tuple(noises.shape) != (len(steps),) + tuple(x.shape):
-            raise ValueError(
-                f"noises must have shape [steps, B, C, H, W] = {[len(steps)] + list(x.shape)}, got {list(noises.shape)}"
-            )
+        _check_noises(noises, len(steps), x)
     dtype = torch.promote_types(x.dtype, torch.float32)
     x = x.to(dtype)
     for i, step in enumerate(steps):
