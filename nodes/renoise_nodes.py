@@ -105,8 +105,9 @@ class ReNoiseInvert:
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, renoise_steps, seed,
                edit_loss=None, noise_correction=None, sigmas=None, average_start=8, first_step_below_timestep=250,
                first_step_renoise_steps=4, first_step_average_start=0, convergence_tol=0.0, eta=1.0, s_noise=1.0):
-        bridge, schedule, parameterization = _prepare("ReNoiseInvert", model, positive, negative, latent_image, sampler_name,
-                                                      INVERTIBLE_SAMPLERS, scheduler, steps, denoise, sigmas)
+        bridge, schedule, model_sampling = _prepare("ReNoiseInvert", model, positive, negative, latent_image, sampler_name,
+                                                    INVERTIBLE_SAMPLERS, scheduler, steps, denoise, sigmas)
+        parameterization = parameterization_of(model_sampling)
         config = ReNoiseConfig(
             renoise_steps=renoise_steps,
             average_start=average_start,
@@ -130,7 +131,7 @@ class ReNoiseInvert:
                     "noise_correction": dataclasses.asdict(noise_correction) if noise_correction else None}
         calls = planned_denoiser_calls(schedule, sampler_name, config, parameterization, **options)
         return _run("ReNoiseInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, calls, run,
-                    method="renoise", sampler_name=sampler_name, options=options, settings=settings)
+                    method="renoise", model_sampling=model_sampling, sampler_name=sampler_name, options=options, settings=settings)
 
 
 class EditFriendlyInvert:
@@ -167,8 +168,9 @@ class EditFriendlyInvert:
 
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, skip, seed,
                sigmas=None, eta=1.0, s_noise=1.0):
-        bridge, schedule, parameterization = _prepare("EditFriendlyInvert", model, positive, negative, latent_image, sampler_name,
-                                                      STOCHASTIC_SAMPLERS, scheduler, steps, denoise, sigmas)
+        bridge, schedule, model_sampling = _prepare("EditFriendlyInvert", model, positive, negative, latent_image, sampler_name,
+                                                    STOCHASTIC_SAMPLERS, scheduler, steps, denoise, sigmas)
+        parameterization = parameterization_of(model_sampling)
         schedule = with_final_sigma(schedule, bridge.sigma_min(model))  # keep the last step's noise: exact reconstruction
         if not 0 <= skip < len(schedule) - 1:
             raise ValueError(f"EditFriendlyInvert: skip must be between 0 and steps - 1 = {len(schedule) - 2}, got {skip}")
@@ -179,7 +181,8 @@ class EditFriendlyInvert:
                                         parameterization=parameterization, skip=skip, callback=callback)
 
         return _run("EditFriendlyInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, len(schedule) - 1 - skip,
-                    run, method="edit_friendly", sampler_name=sampler_name, options=options, settings={"cfg": cfg, "skip": skip})
+                    run, method="edit_friendly", model_sampling=model_sampling, sampler_name=sampler_name, options=options,
+                    settings={"cfg": cfg, "skip": skip})
 
 
 def _sampler_options(sampler_name: str, eta: float, s_noise: float) -> dict:
@@ -188,9 +191,10 @@ def _sampler_options(sampler_name: str, eta: float, s_noise: float) -> dict:
 
 def _prepare(node, model, positive, negative, latent_image, sampler_name, allowed, scheduler, steps, denoise, sigmas):
     """Checks shared by the inversion nodes; returns the bridge, the schedule (float32, descending) and the model's
-    parameterisation (``"eps"`` or ``"flow"``)."""
+    sampling kind (``"EPS"``, ``"CONST"``, ...)."""
     bridge = host.bridge()
-    parameterization = parameterization_of(bridge.model_sampling_kind(model))
+    model_sampling = bridge.model_sampling_kind(model)
+    parameterization = parameterization_of(model_sampling)
     if sampler_name not in allowed:
         raise ValueError(f"{node}: sampler_name must be one of {allowed}, got {sampler_name!r}")
     if parameterization == "flow" and sampler_name == "ddpm":
@@ -207,11 +211,11 @@ def _prepare(node, model, positive, negative, latent_image, sampler_name, allowe
     schedule = _checked_schedule(sigmas, node)
     if parameterization == "flow" and float(schedule[0]) > 1.0:
         raise ValueError(f"{node}: a flow model's sigmas lie in [0, 1]; the schedule starts at {float(schedule[0]):g}.")
-    return bridge, schedule, parameterization
+    return bridge, schedule, model_sampling
 
 
 def _run(node, bridge, model, positive, negative, cfg, latent_image, schedule, seed, total_calls, invert_function, *,
-         method, sampler_name, options, settings):
+         method, model_sampling, sampler_name, options, settings):
     """Run ``invert_function(denoiser, x0, sigmas, seeds, callback) -> Inversion`` through ComfyUI's guider and
     package the three outputs."""
     samples = latent_image["samples"]
@@ -233,7 +237,7 @@ def _run(node, bridge, model, positive, negative, cfg, latent_image, schedule, s
         sigmas=sigmas_out,
         sampler_name=sampler_name,
         sampler_options=options,
-        model_sampling=bridge.model_sampling_kind(model),
+        model_sampling=model_sampling,
         model_family=bridge.model_family(model),
         seed=seed,
         method=method,
