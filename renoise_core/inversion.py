@@ -5,13 +5,15 @@ predicted clean latent; ``eps_hat = (x - denoiser(x, sigma)) / sigma``. ``sigmas
 schedule whose last entry may be 0. Step ``i`` of a schedule goes from ``sigmas[i]`` down to ``sigmas[i + 1]``;
 inversion walks the steps from the last to the first.
 
-One inversion step, from the known lower point ``x_next`` up to ``x`` (paper, Algorithm 1):
+One inversion step, from the known lower point ``x_next`` up to ``x``, solves the fixed point
+``z = G(z) = inverse_step(x_next, eps_hat(z, sigma))`` with K + 1 evaluations of ``G`` (``solvers.py``):
 
-    z(0) = x_next
-    z(k+1) = inverse_step(x_next, eps_k),  eps_k = eps_hat(z(k), sigma)       k = 0..K  (fixed point)
-    eps_k <- edit-loss steps(eps_k)                                           for k in the averaging window
-    x = inverse_step(x_next, edit(mean of eps_k over the window))              (the step is affine in eps)
-    noise <- corrected so that the forward step from x lands on x_next         (stochastic samplers)
+- ``fixed_point`` (paper, Algorithm 1): ``z(0) = x_next``, ``z(k+1) = G(z(k))``; edit losses on the predictions of
+  the averaging window; ``x = inverse_step(x_next, edit(mean of the window's raw predictions))``.
+- ``anderson``: the same fixed point (with edit losses, of the regularised map) solved by safeguarded Anderson
+  acceleration, warm-started from the step below's prediction.
+
+Then, for stochastic samplers, the step's noise is corrected so that the forward step from x lands on x_next.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor
 
 from .edit_losses import EditLossConfig, draw_rolls, pyramid_sizes, regularize_noise_prediction
 from .samplers import AffineStep, make_steps, noised
+from .solvers import SOLVERS, StepProblem, anderson, fixed_point
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(x [B, C, H, W], sigma [B]) -> predicted x0 [B, C, H, W]`` (k-diffusion units).
@@ -67,18 +70,24 @@ class ReNoiseConfig:
     """ReNoise settings. Defaults reproduce the reference release (with edit losses and noise correction off).
 
     renoise_steps: K, renoising iterations per inversion step (K + 1 denoiser evaluations). 0 = plain reversal.
-    average_start: evaluation index (0..K) where the averaging window starts; the window runs to the last
-        evaluation. The reference averages evaluations 8 and 9. Clamped to K, so the last one always counts.
-    early_renoise_steps, early_average_start: the same for "early" steps, those whose upper sigma is below
-        ``early_below_sigma`` (the reference: timestep < 250, i.e. SDXL-Turbo's first inversion step, uses
-        evaluations 0..4 and averages them all). ``early_below_sigma=None`` disables the rule.
-    convergence_tol: stop renoising a step once every item's relative change ``||z(k+1) - z(k)|| / ||z(k+1)||``
-        falls below it. Off (None) by default; each check reads one number back from the device.
+    solver: ``"fixed_point"`` (the paper's loop, the default here) or ``"anderson"`` (accelerated; see
+        ``solvers.py``). Both make the same number of evaluations.
+    history: anderson only: how many previous residuals its secant model uses.
+    average_start: fixed_point only: evaluation index (0..K) where the averaging window starts; the window runs
+        to the last evaluation. The reference averages evaluations 8 and 9. Clamped to K.
+    early_renoise_steps, early_average_start: K and the window for "early" steps, those whose upper sigma is
+        below ``early_below_sigma`` (the reference: timestep < 250, i.e. SDXL-Turbo's first inversion step, uses
+        evaluations 0..4 and averages them all). ``early_below_sigma=None`` disables the rule. The window is
+        fixed_point's; the cap on K applies to both solvers.
+    convergence_tol: stop a step once every item's relative residual ``||G(z) - z|| / ||G(z)||`` falls below it.
+        Off (None) by default; each check reads one number back from the device.
     edit_loss: editability regularisation, or None for none.
     noise_correction: for stochastic samplers, or None for none.
     """
 
     renoise_steps: int = 9
+    solver: str = "fixed_point"
+    history: int = 3
     average_start: int = 8
     early_renoise_steps: int = 4
     early_average_start: int = 0
@@ -88,7 +97,9 @@ class ReNoiseConfig:
     noise_correction: NoiseCorrectionConfig | None = None
 
     def __post_init__(self) -> None:
-        for name in ("renoise_steps", "average_start", "early_renoise_steps", "early_average_start"):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        for name in ("renoise_steps", "history", "average_start", "early_renoise_steps", "early_average_start"):
             value = getattr(self, name)
             if int(value) != value or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value}")
@@ -249,50 +260,41 @@ def invert(
     diagnostics: list[StepDiagnostics | None] = [None] * len(steps)
     trajectory: list[Tensor] = [x0] if keep_trajectory else []
     x = x0
+    warm_start = None  # anderson: the prediction the step below ended with
     for i in reversed(range(len(steps))):
         step = steps[i]
         calls_before = calls
         k_max, average_start = config.plan(step.sigma)
         sigma_batch = torch.full((batch,), step.sigma, device=device, dtype=dtype)
         x_next, noise = x, noises[i]
-        step_rolls = iter(rolls[i]) if rolls is not None else None
+        reference = {}  # the edit-loss reference prediction, made together with evaluation 0
 
-        eps_ref = None
-        estimate = x_next
-        eps_sum, averaged, eps = None, 0, None
-        change_norms: list[Tensor] = []
-        relative_changes: list[Tensor] = []
-        for k in range(k_max + 1):
-            if k == 0 and edit is not None and edit.uses_reference:
+        def predict(z: Tensor, evaluation: int, step=step, sigma_batch=sigma_batch, reference=reference) -> Tensor:
+            if evaluation == 0 and edit is not None and edit.uses_reference:
                 x_ref = noised(x0, reference_noise, step.sigma, parameterization)
-                both = eps_hat(torch.cat([estimate, x_ref]), step.sigma, sigma_batch.repeat(2))
-                eps, eps_ref = both[:batch], both[batch:]
-            else:
-                eps = eps_hat(estimate, step.sigma, sigma_batch)
-            if k >= average_start:
-                if edit is not None:
-                    eps = _regularize(eps, eps_ref, step_rolls, edit)
-                eps_sum = eps if eps_sum is None else eps_sum + eps
-                averaged += 1
-            new_estimate = step.inverse(x_next, eps, noise)
-            if k >= 1:
-                change = (new_estimate - estimate).flatten(1).norm(dim=1)
-                relative = change / new_estimate.flatten(1).norm(dim=1).clamp_min(torch.finfo(dtype).tiny)
-                change_norms.append(change)
-                relative_changes.append(relative)
-                if config.convergence_tol is not None and bool((relative < config.convergence_tol).all()):
-                    break
-            estimate = new_estimate
-        evaluations = k + 1
+                both = eps_hat(torch.cat([z, x_ref]), step.sigma, sigma_batch.repeat(2))
+                reference["eps"] = both[batch:]
+                return both[:batch]
+            return eps_hat(z, step.sigma, sigma_batch)
 
-        if averaged == 0:  # stopped early, before the averaging window: the last prediction is the estimate
-            eps_sum, averaged = eps, 1
-            if edit is not None:
-                eps_sum = _regularize(eps, eps_ref, step_rolls, edit)
-        eps_mean = eps_sum / averaged
+        regularize = None
         if edit is not None:
-            eps_mean = _regularize(eps_mean, eps_ref, step_rolls, edit)
-        x = step.inverse(x_next, eps_mean, noise)
+            step_rolls = rolls[i] if rolls is not None else None
+            shifts = iter(step_rolls) if step_rolls is not None else None
+
+            def regularize(eps: Tensor, shifts=shifts, step_rolls=step_rolls, reference=reference) -> Tensor:
+                # fixed_point: a fresh set of pair-loss shifts per regularisation, as the reference; anderson: the
+                # step's one set every time, so that the map it solves is a fixed function
+                rolls_now = None if step_rolls is None else (next(shifts) if config.solver == "fixed_point" else step_rolls[0])
+                return regularize_noise_prediction(eps, reference.get("eps"), rolls_now, edit)
+
+        problem = StepProblem(step, x_next, noise, predict, regularize)
+        if config.solver == "anderson":
+            start = x_next if warm_start is None else step.inverse(x_next, warm_start, noise)
+            solution = anderson(problem, start, k_max + 1, config.history, config.convergence_tol)
+        else:
+            solution = fixed_point(problem, x_next, k_max + 1, average_start, config.convergence_tol)
+        x, warm_start = solution.latent, solution.prediction
 
         if config.noise_correction is not None and step.is_stochastic:
             required = step.required_noise(x, x_next, eps_hat(x, step.sigma, sigma_batch))
@@ -301,10 +303,10 @@ def invert(
         diagnostics[i] = StepDiagnostics(
             sigma=step.sigma,
             sigma_next=step.sigma_next,
-            evaluations=evaluations,
+            evaluations=solution.evaluations,
             denoiser_calls=calls - calls_before,
-            change_norms=_stack_rows(change_norms, batch, device),
-            relative_changes=_stack_rows(relative_changes, batch, device),
+            change_norms=_stack_rows(solution.residual_norms, batch, device),
+            relative_changes=_stack_rows(solution.relative_residuals, batch, device),
         )
         if keep_trajectory:
             trajectory.append(x)
@@ -328,13 +330,6 @@ def invert(
         steps=tuple(diagnostics),
         trajectory=torch.stack(trajectory[::-1]) if keep_trajectory else None,
     )
-
-
-def _regularize(eps: Tensor, eps_ref: Tensor | None, step_rolls, edit: EditLossConfig) -> Tensor:
-    """The edit-loss steps on one prediction, with the next set of this step's pair-loss shifts (none when
-    ``lambda_ac = 0``)."""
-    shifts = next(step_rolls) if step_rolls is not None else None
-    return regularize_noise_prediction(eps, eps_ref, shifts, edit)
 
 
 def check_latent(x0: Tensor) -> None:
@@ -379,7 +374,8 @@ def _draw_all_rolls(
     steps: list[AffineStep], config: ReNoiseConfig, shape: torch.Size, seeds: Sequence[int], device: torch.device
 ) -> list[Tensor]:
     """Pair-loss shifts for every regularisation an inversion can make, per step: int64
-    ``[regularisations, reg_steps, ac_rolls, levels, B, C]``, moved to the device once, before the loop.
+    ``[regularisations, reg_steps, ac_rolls, levels, B, C]``, moved to the device once, before the loop
+    (fixed_point: one set per prediction of the window and one for their average; anderson: one set per step).
 
     Each item has its own generator (seeded from its seed), so a batch item gets the shifts it would get alone.
     """
@@ -390,7 +386,7 @@ def _draw_all_rolls(
     rolls = []
     for i in reversed(range(len(steps))):
         k, average_start = config.plan(steps[i].sigma)
-        count = (k + 1 - average_start) + 1  # the window's evaluations plus the average
+        count = (k + 1 - average_start) + 1 if config.solver == "fixed_point" else 1  # the window plus the average
         per_item = [draw_rolls(g, height, channels, count * edit.reg_steps * edit.ac_rolls) for g in generators]
         stacked = np.stack(per_item, axis=-2).reshape(count, edit.reg_steps, edit.ac_rolls, levels, len(seeds), channels)
         rolls.append(stacked)
