@@ -1,13 +1,14 @@
 """ComfyUI nodes of the ReNoise pack."""
 
 from .file_nodes import ReNoiseLoadInversion, ReNoiseSaveInversion
-from .renoise_nodes import EditFriendlyInvert, EditLossConfig, NoiseCorrection, ReNoiseInvert, ReNoiseSampler
+from .renoise_nodes import EditFriendlyInvert, EditLossConfig, NoiseCorrection, ReNoiseInvert, ReNoiseSampler, ReNoiseSolver
 
 NODE_CLASS_MAPPINGS = {
     "ReNoiseInvert": ReNoiseInvert,
     "ReNoiseSampler": ReNoiseSampler,
     "NoiseCorrection": NoiseCorrection,
     "EditLossConfig": EditLossConfig,
+    "ReNoiseSolver": ReNoiseSolver,
     "ReNoiseSaveInversion": ReNoiseSaveInversion,
     "ReNoiseLoadInversion": ReNoiseLoadInversion,
     "EditFriendlyInvert": EditFriendlyInvert,
@@ -18,6 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ReNoiseSampler": "ReNoise Sampler (replay noises)",
     "NoiseCorrection": "ReNoise Noise Correction",
     "EditLossConfig": "ReNoise Edit Loss Config",
+    "ReNoiseSolver": "ReNoise Solver",
     "ReNoiseSaveInversion": "ReNoise Save Inversion",
     "ReNoiseLoadInversion": "ReNoise Load Inversion",
     "EditFriendlyInvert": "Edit-Friendly DDPM Invert",

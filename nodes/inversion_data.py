@@ -19,6 +19,27 @@ from ..renoise_core import StepDiagnostics
 INVERSION_TYPE = "RENOISE_INVERSION"
 EDIT_LOSS_TYPE = "EDIT_LOSS_CONFIG"
 NOISE_CORRECTION_TYPE = "NOISE_CORRECTION"
+SOLVER_TYPE = "RENOISE_SOLVER"
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """What the ReNoiseSolver node configures: how each inversion step's fixed point is solved.
+
+    method: ``"anderson"`` (accelerated) or ``"fixed_point"`` (the paper's loop). history: anderson's secant
+    history. average_start, first_step_average_start: fixed_point's averaging windows (evaluation indices).
+    first_step_below_timestep: steps whose upper sigma lies below this timestep (0..1000 scale; 0 = off) make at
+    most first_step_renoise_steps + 1 evaluations (both methods). convergence_tol: stop a step once every item's
+    relative residual is below it (0 = off).
+    """
+
+    method: str = "anderson"
+    history: int = 3
+    average_start: int = 8
+    first_step_below_timestep: int = 250
+    first_step_renoise_steps: int = 4
+    first_step_average_start: int = 0
+    convergence_tol: float = 0.0
 
 _SIGMA_RTOL = 1e-4
 

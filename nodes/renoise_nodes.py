@@ -23,12 +23,15 @@ from ..renoise_core import (
     with_final_sigma,
 )
 from ..renoise_core.inversion import NOISE_CORRECTION_MODES
+from ..renoise_core.solvers import SOLVERS
 from . import host
 from .inversion_data import (
     EDIT_LOSS_TYPE,
     INVERSION_TYPE,
     NOISE_CORRECTION_TYPE,
+    SOLVER_TYPE,
     InversionData,
+    SolverSettings,
     check_latent_shape,
     check_model_family,
     match_schedule,
@@ -43,6 +46,8 @@ INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm"]
 STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 1000
+#: what ReNoiseInvert uses with its `solver` input unconnected (chosen by measurement: README, "Benchmarks")
+DEFAULT_SOLVER = SolverSettings()
 
 
 class ReNoiseInvert:
@@ -80,41 +85,47 @@ class ReNoiseInvert:
                 "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                         "tooltip": "Guidance during inversion. 1 = conditional prediction only (the paper's setting)."}),
                 "renoise_steps": ("INT", {"default": 9, "min": 0, "max": 100,
-                                  "tooltip": "Renoising iterations per step (K). More = better reconstruction, K + 1 model calls per step. 0 = plain DDIM inversion."}),
+                                  "tooltip": "Renoising iterations per step (K): K + 1 model calls per step. More = better reconstruction. 0 = plain DDIM inversion."}),
                 "seed": ("INT", {"default": 7865, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                          "tooltip": "Seed of the per-step noises (stochastic samplers) and the edit-loss reference noise."}),
             },
             "optional": {
+                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson, the accelerated solver, at its measured defaults."}),
                 "edit_loss": (EDIT_LOSS_TYPE, {"tooltip": "Editability losses (EditLossConfig node). Unconnected: none."}),
                 "noise_correction": (NOISE_CORRECTION_TYPE, {"tooltip": "Noise correction for stochastic samplers (NoiseCorrection node)."}),
                 "sigmas": ("SIGMAS", {"tooltip": "A custom schedule; overrides scheduler, steps and denoise."}),
-                "average_start": ("INT", {"default": 8, "min": 0, "max": 100,
-                                  "tooltip": "Average the estimates of evaluations average_start..K (paper: 8..9)."}),
-                "first_step_below_timestep": ("INT", {"default": 250, "min": 0, "max": 1000,
-                                              "tooltip": "Steps below this timestep use the first-step settings (reference: 250). 0 = off."}),
-                "first_step_renoise_steps": ("INT", {"default": 4, "min": 0, "max": 100, "tooltip": "K for those steps (reference: 4)."}),
-                "first_step_average_start": ("INT", {"default": 0, "min": 0, "max": 100,
-                                             "tooltip": "Averaging window start for those steps (reference: 0, all)."}),
-                "convergence_tol": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.0001,
-                                    "tooltip": "Stop renoising a step once the relative change is below this. 0 = off (exact paper behaviour)."}),
                 "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "euler_ancestral eta."}),
                 "s_noise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01, "tooltip": "euler_ancestral s_noise."}),
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, s_noise=1.0):
+        try:
+            _check_s_noise(s_noise)
+        except ValueError as error:
+            return str(error)
+        return True
+
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, renoise_steps, seed,
-               edit_loss=None, noise_correction=None, sigmas=None, average_start=8, first_step_below_timestep=250,
-               first_step_renoise_steps=4, first_step_average_start=0, convergence_tol=0.0, eta=1.0, s_noise=1.0):
+               solver=None, edit_loss=None, noise_correction=None, sigmas=None, eta=1.0, s_noise=1.0):
+        solver = DEFAULT_SOLVER if solver is None else solver
+        if not isinstance(solver, SolverSettings):
+            raise ValueError("ReNoiseInvert: the `solver` input takes a ReNoiseSolver node.")
+        _check_s_noise(s_noise)
         bridge, schedule, model_sampling = _prepare("ReNoiseInvert", model, positive, negative, latent_image, sampler_name,
                                                     INVERTIBLE_SAMPLERS, scheduler, steps, denoise, sigmas)
         parameterization = parameterization_of(model_sampling)
+        below = solver.first_step_below_timestep
         config = ReNoiseConfig(
             renoise_steps=renoise_steps,
-            average_start=average_start,
-            early_renoise_steps=first_step_renoise_steps,
-            early_average_start=first_step_average_start,
-            early_below_sigma=bridge.sigma_at_timestep(model, first_step_below_timestep) if first_step_below_timestep > 0 else None,
-            convergence_tol=convergence_tol if convergence_tol > 0 else None,
+            solver=solver.method,
+            history=solver.history,
+            average_start=solver.average_start,
+            early_renoise_steps=solver.first_step_renoise_steps,
+            early_average_start=solver.first_step_average_start,
+            early_below_sigma=bridge.sigma_at_timestep(model, below) if below > 0 else None,
+            convergence_tol=solver.convergence_tol if solver.convergence_tol > 0 else None,
             edit_loss=edit_loss,
             noise_correction=noise_correction,
         )
@@ -124,9 +135,7 @@ class ReNoiseInvert:
             return invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds, sampler_options=options,
                           parameterization=parameterization, callback=callback)
 
-        settings = {"cfg": cfg, "renoise_steps": renoise_steps, "average_start": average_start,
-                    "first_step_below_timestep": first_step_below_timestep, "first_step_renoise_steps": first_step_renoise_steps,
-                    "first_step_average_start": first_step_average_start, "convergence_tol": convergence_tol,
+        settings = {"cfg": cfg, "renoise_steps": renoise_steps, "solver": dataclasses.asdict(solver),
                     "edit_loss": dataclasses.asdict(edit_loss) if edit_loss else None,
                     "noise_correction": dataclasses.asdict(noise_correction) if noise_correction else None}
         calls = planned_denoiser_calls(schedule, sampler_name, config, parameterization, **options)
@@ -183,6 +192,22 @@ class EditFriendlyInvert:
         return _run("EditFriendlyInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, len(schedule) - 1 - skip,
                     run, method="edit_friendly", model_sampling=model_sampling, sampler_name=sampler_name, options=options,
                     settings={"cfg": cfg, "skip": skip})
+
+
+def _check_s_noise(s_noise: float) -> None:
+    """ComfyUI restores a UI workflow's widgets by position. A workflow saved with ReNoise 0.1.0, whose
+    ReNoiseInvert had five more widgets before eta and s_noise, hands them 8 and 250 (average_start and
+    first_step_below_timestep): say so instead of sampling with them. (ReNoiseInvert.VALIDATE_INPUTS runs this
+    before the prompt is queued; ComfyUI then leaves s_noise's range check to it.)"""
+    if s_noise < 0.0:
+        raise ValueError(f"ReNoiseInvert: s_noise must be >= 0, got {s_noise:g}.")
+    if s_noise > 10.0:
+        raise ValueError(
+            f"ReNoiseInvert: s_noise = {s_noise:g} is far outside its useful range (about 1). If this workflow was saved "
+            "with ReNoise 0.1.0, its ReNoiseInvert widgets shifted: the averaging and first-step settings moved to the "
+            "ReNoiseSolver node. Set eta and s_noise back to 1.0 (or replace the node), and connect a ReNoiseSolver "
+            "only if you had changed those settings."
+        )
 
 
 def _sampler_options(sampler_name: str, eta: float, s_noise: float) -> dict:
@@ -309,6 +334,50 @@ class NoiseCorrection:
 
     def build(self, mode, steps, step_size):
         return (NoiseCorrectionSettings(mode=mode, steps=steps, step_size=step_size),)
+
+
+class ReNoiseSolver:
+    DESCRIPTION = (
+        "How ReNoiseInvert solves each inversion step: anderson (accelerated: the paper's reconstruction with a third "
+        "of the model calls, or far better at the same calls) or fixed_point (the paper's renoising loop, exactly as "
+        "the reference release runs it). Connect to ReNoiseInvert's `solver` input; unconnected means anderson with "
+        "these defaults."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = (SOLVER_TYPE,)
+    RETURN_NAMES = ("solver",)
+    OUTPUT_TOOLTIPS = ("Connect to ReNoiseInvert's `solver` input.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        defaults = DEFAULT_SOLVER
+        return {
+            "required": {
+                "method": (list(SOLVERS), {"default": defaults.method,
+                           "tooltip": "anderson: extrapolates from the last few estimates (safeguarded). fixed_point: the paper's loop, each estimate from the previous one, averaged at the end."}),
+                "history": ("INT", {"default": defaults.history, "min": 1, "max": 10,
+                            "tooltip": "anderson: how many previous estimates it extrapolates from. fixed_point ignores it."}),
+                "average_start": ("INT", {"default": defaults.average_start, "min": 0, "max": 100,
+                                  "tooltip": "fixed_point: average the predictions of evaluations average_start..K (paper: 8..9). anderson ignores it."}),
+                "first_step_below_timestep": ("INT", {"default": defaults.first_step_below_timestep, "min": 0, "max": 1000,
+                                              "tooltip": "Steps below this timestep (0..1000) use the first-step settings; the reference's 250 is SDXL-Turbo's first inversion step. 0 = off. Both methods."}),
+                "first_step_renoise_steps": ("INT", {"default": defaults.first_step_renoise_steps, "min": 0, "max": 100,
+                                             "tooltip": "At most this many renoising iterations on those steps (reference: 4). Both methods."}),
+                "first_step_average_start": ("INT", {"default": defaults.first_step_average_start, "min": 0, "max": 100,
+                                             "tooltip": "fixed_point: averaging window start on those steps (reference: 0, all). anderson ignores it."}),
+                "convergence_tol": ("FLOAT", {"default": defaults.convergence_tol, "min": 0.0, "max": 1.0, "step": 0.0001,
+                                    "tooltip": "Stop a step once its relative residual is below this (saves calls; costs one GPU sync per call). 0 = off: every step makes renoise_steps + 1 calls."}),
+            }
+        }
+
+    def build(self, method, history, average_start, first_step_below_timestep, first_step_renoise_steps, first_step_average_start,
+              convergence_tol):
+        if method not in SOLVERS:
+            raise ValueError(f"ReNoiseSolver: method must be one of {list(SOLVERS)}, got {method!r}")
+        return (SolverSettings(method=method, history=history, average_start=average_start,
+                               first_step_below_timestep=first_step_below_timestep, first_step_renoise_steps=first_step_renoise_steps,
+                               first_step_average_start=first_step_average_start, convergence_tol=convergence_tol),)
 
 
 class EditLossConfig:

@@ -54,3 +54,10 @@ def sigma_at_timestep(training_sigmas: Tensor, timestep: float) -> float:
     log_sigmas = training_sigmas.double().log()
     frac = t - low
     return float(((1 - frac) * log_sigmas[low] + frac * log_sigmas[high]).exp())
+
+
+def flow_simple_schedule(steps: int, shift: float = 3.0, timesteps: int = 1000) -> Tensor:
+    """ComfyUI's ``simple`` scheduler on a discrete flow model (``ModelSamplingDiscreteFlow``, SD3's
+    ``ModelSamplingSD3`` node): training sigmas ``shift t / (1 + (shift - 1) t)`` at ``t = 1/1000 .. 1``."""
+    t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
+    return simple_schedule((shift * t / (1 + (shift - 1) * t)).float(), steps)

@@ -178,11 +178,12 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
         if predicted is not None:  # was the secant model right about this residual?
             trusted = norm <= _PREDICTION_SLACK * predicted
             radius = torch.where(trusted, radius * _RADIUS_GROWTH, radius * _RADIUS_SHRINK)
-        grown = norm > norm_prev if norm_prev is not None else torch.zeros_like(trusted)
+        # a residual that grew (or is not finite) restarts the item's history from its best point
+        grown = ~(norm <= norm_prev) if norm_prev is not None else ~torch.isfinite(norm)
         if residual_prev is not None:
-            keep = (~grown).to(residual.dtype).view(-1, 1)  # a grown residual restarts the item's history
-            d_residuals = [d * keep for d in d_residuals[-(history - 1):]] + [(residual - residual_prev) * keep]
-            d_images = [d * keep for d in d_images[-(history - 1):]] + [(image - image_prev).flatten(1) * keep]
+            keep = (~grown).view(-1, 1)
+            d_residuals = [_masked(d, keep) for d in d_residuals[-(history - 1):]] + [_masked(residual - residual_prev, keep)]
+            d_images = [_masked(d, keep) for d in d_images[-(history - 1):]] + [_masked((image - image_prev).flatten(1), keep)]
         residual_prev, image_prev, norm_prev = residual, image, norm
 
         if d_residuals and history > 0:
@@ -203,6 +204,11 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
         solution.latent = torch.where((trusted & ~grown).view(expand), z_next, solution.latent)
     solution.prediction = best_eps
     return solution
+
+
+def _masked(values: Tensor, keep: Tensor) -> Tensor:
+    """``values`` where ``keep``, else 0 (also where ``values`` is not finite: a multiplication would keep NaN)."""
+    return torch.where(keep, values, torch.zeros_like(values))
 
 
 def _secant_correction(d_residuals: Tensor, d_images: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
