@@ -39,12 +39,13 @@ NODE_SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
                        ("latent_image", "LATENT")], [("output", "LATENT"), ("denoised_output", "LATENT")]),
     "ReNoiseInvert": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT"),
                        ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("steps", "WIDGET"), ("denoise", "WIDGET"),
-                       ("cfg", "WIDGET"), ("renoise_steps", "WIDGET"), ("seed", "SEED"), ("edit_loss", "EDIT_LOSS_CONFIG"),
-                       ("noise_correction", "NOISE_CORRECTION"), ("sigmas", "SIGMAS"), ("average_start", "WIDGET"),
-                       ("first_step_below_timestep", "WIDGET"), ("first_step_renoise_steps", "WIDGET"),
-                       ("first_step_average_start", "WIDGET"), ("convergence_tol", "WIDGET"), ("eta", "WIDGET"),
-                       ("s_noise", "WIDGET")],
+                       ("cfg", "WIDGET"), ("renoise_steps", "WIDGET"), ("seed", "SEED"), ("solver", "RENOISE_SOLVER"),
+                       ("edit_loss", "EDIT_LOSS_CONFIG"), ("noise_correction", "NOISE_CORRECTION"), ("sigmas", "SIGMAS"),
+                       ("eta", "WIDGET"), ("s_noise", "WIDGET")],
                       [("latent", "LATENT"), ("inversion", "RENOISE_INVERSION"), ("sigmas", "SIGMAS")]),
+    "ReNoiseSolver": ([("method", "WIDGET"), ("history", "WIDGET"), ("average_start", "WIDGET"), ("first_step_below_timestep", "WIDGET"),
+                       ("first_step_renoise_steps", "WIDGET"), ("first_step_average_start", "WIDGET"), ("convergence_tol", "WIDGET")],
+                      [("solver", "RENOISE_SOLVER")]),
     "EditFriendlyInvert": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                             ("latent_image", "LATENT"), ("sampler_name", "WIDGET"), ("scheduler", "WIDGET"), ("steps", "WIDGET"),
                             ("denoise", "WIDGET"), ("cfg", "WIDGET"), ("skip", "WIDGET"), ("seed", "SEED"), ("sigmas", "SIGMAS"),
@@ -58,9 +59,8 @@ NODE_SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
 
 WIDGET_KINDS = ("WIDGET", "SEED", "IMAGE_UPLOAD")
 
-#: ReNoiseInvert's optional widgets at their defaults (the paper's settings)
-RENOISE_DEFAULTS = {"average_start": 8, "first_step_below_timestep": 250, "first_step_renoise_steps": 4,
-                    "first_step_average_start": 0, "convergence_tol": 0.0, "eta": 1.0, "s_noise": 1.0}
+#: ReNoiseInvert's optional widgets at their defaults
+RENOISE_DEFAULTS = {"eta": 1.0, "s_noise": 1.0}
 
 
 @dataclass

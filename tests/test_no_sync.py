@@ -39,8 +39,9 @@ def reads_during_inversion(counter, mixture, steps, renoise, **config):
     return counter["reads"]
 
 
-def test_reads_do_not_grow_with_renoising_or_steps(count_reads, mixture):
-    full = dict(edit_loss=EditLossConfig(), noise_correction=NoiseCorrectionConfig())
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_reads_do_not_grow_with_renoising_or_steps(count_reads, mixture, solver):
+    full = dict(edit_loss=EditLossConfig(), noise_correction=NoiseCorrectionConfig(), solver=solver)
     base = reads_during_inversion(count_reads, mixture, 4, 1, **full)
     assert reads_during_inversion(count_reads, mixture, 4, 9, **full) == base
     assert reads_during_inversion(count_reads, mixture, 12, 9, **full) <= base + 2 * (12 - 4)  # per-step diagnostics .cpu() at the end
@@ -48,7 +49,8 @@ def test_reads_do_not_grow_with_renoising_or_steps(count_reads, mixture):
     assert base < 20, base
 
 
-def test_adaptive_stopping_is_the_one_documented_read_per_evaluation(count_reads, mixture):
-    without = reads_during_inversion(count_reads, mixture, 4, 9)
-    with_tol = reads_during_inversion(count_reads, mixture, 4, 9, convergence_tol=1e-9)  # never stops early
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_adaptive_stopping_is_the_one_documented_read_per_evaluation(count_reads, mixture, solver):
+    without = reads_during_inversion(count_reads, mixture, 4, 9, solver=solver)
+    with_tol = reads_during_inversion(count_reads, mixture, 4, 9, convergence_tol=1e-12, solver=solver)  # never stops early
     assert with_tol - without == 3 * 9 + 4  # one check per evaluation after the first (9, 9, 9 and the early step's 4)

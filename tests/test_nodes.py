@@ -72,7 +72,7 @@ def test_invert_input_names_are_the_public_contract():
     assert spec["required"]["sampler_name"][0] == ["euler_ancestral", "euler", "ddim", "lcm", "ddpm"]
     assert spec["required"]["steps"][1]["default"] == 4 and spec["required"]["renoise_steps"][1]["default"] == 9
     assert spec["required"]["denoise"][1]["default"] == 1.0 and spec["required"]["cfg"][1]["default"] == 1.0
-    assert {"edit_loss", "noise_correction", "sigmas"} <= set(spec["optional"])
+    assert list(spec["optional"]) == ["solver", "edit_loss", "noise_correction", "sigmas", "eta", "s_noise"]
 
 
 def test_outputs_and_reconstruction(graph):
@@ -203,7 +203,7 @@ def test_flow_models_invert_and_replay(flow_graph, denoise):
     if denoise < 1:
         schedule = torch.tensor([0.6, 0.4, 0.2, 0.0])
     (nc,) = NODES["NoiseCorrection"]().build("exact", 10, 1.8)
-    latent, inversion, sigmas = invert(flow_graph, sigmas=schedule, noise_correction=nc, first_step_below_timestep=250)
+    latent, inversion, sigmas = invert(flow_graph, sigmas=schedule, noise_correction=nc)
     assert inversion.parameterization == "flow"
     assert (inversion.start_latent is not None) == (denoise == 1.0)
     out = replay(flow_graph, latent, inversion, sigmas)
@@ -230,6 +230,50 @@ def test_sampler_refuses_mismatched_runs(graph):
 def test_sampler_accepts_a_tail_of_the_schedule(graph):
     latent, inversion, sigmas = invert(graph, renoise_steps=1)
     replay(graph, latent, inversion, sigmas[1:])  # e.g. starting later: the noises are looked up by sigma
+
+
+def test_solver_node_and_default(graph):
+    spec = NODES["ReNoiseSolver"].INPUT_TYPES()["required"]
+    assert list(spec) == ["method", "history", "average_start", "first_step_below_timestep", "first_step_renoise_steps",
+                          "first_step_average_start", "convergence_tol"]
+    assert spec["method"][0] == ["anderson", "fixed_point"] and spec["method"][1]["default"] == "anderson"
+    assert NODES["ReNoiseSolver"].RETURN_TYPES == ("RENOISE_SOLVER",)
+    for name in ("history",):
+        assert "fixed_point ignores it" in spec[name][1]["tooltip"]
+    for name in ("average_start", "first_step_average_start"):
+        assert "anderson ignores it" in spec[name][1]["tooltip"]
+    (paper,) = NODES["ReNoiseSolver"]().build("fixed_point", 3, 8, 250, 4, 0, 0.0)
+    (accelerated,) = NODES["ReNoiseSolver"]().build("anderson", 3, 8, 250, 4, 0, 0.0)
+    _, default_inversion, _ = invert(graph, sampler_name="euler", renoise_steps=2)
+    _, accelerated_inversion, _ = invert(graph, sampler_name="euler", renoise_steps=2, solver=accelerated)
+    _, paper_inversion, _ = invert(graph, sampler_name="euler", renoise_steps=2, solver=paper)
+    assert default_inversion.settings["solver"]["method"] == "anderson"
+    assert default_inversion.settings == accelerated_inversion.settings != paper_inversion.settings
+    assert default_inversion.denoiser_calls == paper_inversion.denoiser_calls == 12  # K = 2: 3 calls on each of 4 steps
+    with pytest.raises(ValueError, match="method must be one of"):
+        NODES["ReNoiseSolver"]().build("newton", 3, 8, 250, 4, 0, 0.0)
+    with pytest.raises(ValueError, match="takes a ReNoiseSolver node"):
+        invert(graph, solver={"method": "anderson"})
+
+
+def test_solver_node_changes_the_result_and_anderson_reconstructs_better(graph):
+    latent_a, inversion_a, sigmas = invert(graph, sampler_name="euler", renoise_steps=3)
+    (paper,) = NODES["ReNoiseSolver"]().build("fixed_point", 3, 8, 250, 4, 0, 0.0)
+    latent_p, inversion_p, _ = invert(graph, sampler_name="euler", renoise_steps=3, solver=paper)
+    db_a = psnr(replay(graph, latent_a, inversion_a, sigmas)["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).mean()
+    db_p = psnr(replay(graph, latent_p, inversion_p, sigmas)["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).mean()
+    assert db_a > db_p + 10.0, (db_a, db_p)
+
+
+def test_workflows_saved_with_0_1_0_get_a_clear_message(graph):
+    """0.1.0's ReNoiseInvert had five more widgets before eta and s_noise: positional widget values give them 8 and
+    250. Validation names the cause before the prompt runs."""
+    message = NODES["ReNoiseInvert"].VALIDATE_INPUTS(s_noise=250)
+    assert "saved with ReNoise 0.1.0" in message and "ReNoiseSolver" in message
+    assert NODES["ReNoiseInvert"].VALIDATE_INPUTS(s_noise=1.0) is True
+    assert "must be >= 0" in NODES["ReNoiseInvert"].VALIDATE_INPUTS(s_noise=-1.0)
+    with pytest.raises(ValueError, match="saved with ReNoise 0.1.0"):
+        invert(graph, eta=8.0, s_noise=250.0)
 
 
 def test_config_nodes():
