@@ -196,6 +196,7 @@ class SpectralMixture(MixtureModel):
             raise ValueError(f"spectrum must be [C, H, W] = {list(means.shape[1:])}, got {list(spectrum.shape)}")
         self.spectrum = spectrum.double()
         self.means_fft = torch.fft.fft2(self.means, norm="ortho")
+        self.means_power = self.means_fft.abs() ** 2  # |M_k|^2 per frequency
 
     @classmethod
     def random(cls, components: int = 16, shape=(4, 32, 32), within: float = 1.0, alpha: float = 2.0, seed: int = 0,
@@ -216,6 +217,7 @@ class SpectralMixture(MixtureModel):
         batch = x.shape[0]
         prior = _repeat_to_batch(prior.to(x.device), batch)
         means, means_fft, spectrum = self.means.to(x.device), self.means_fft.to(x.device), self.spectrum.to(x.device)
+        means_power = self.means_power.to(x.device)
         sigma = sigma.double().view(-1, 1, 1, 1)
         a = self._signal_scale(sigma)
         precision = 1.0 / (a**2 * spectrum + sigma**2)  # [B, C, H, W]
@@ -223,8 +225,8 @@ class SpectralMixture(MixtureModel):
         a_flat = a.view(-1, 1)
         # ||X - a M_k||^2_P = X^H P X - 2 a Re(X^H P M_k) + a^2 M_k^H P M_k
         cross = torch.einsum("bchw,kchw->bk", big_x.conj() * precision, means_fft).real
-        norms = torch.einsum("bchw,kchw->bk", precision, means_fft.abs() ** 2)
-        own = (big_x.abs() ** 2 * precision).flatten(1).sum(1, keepdim=True)
+        norms = torch.einsum("bchw,kchw->bk", precision, means_power)
+        own = ((big_x.real**2 + big_x.imag**2) * precision).flatten(1).sum(1, keepdim=True)
         logits = prior.clamp_min(1e-300).log() - 0.5 * (own - 2 * a_flat * cross + a_flat**2 * norms)
         resp = torch.softmax(logits, dim=1)  # [B, K]
         mean = torch.einsum("bk,kchw->bchw", resp, means)

@@ -10,8 +10,10 @@ The schedule is ComfyUI's ``simple`` with 4 steps on the SD sigma table (timeste
    samplers a noise belongs to a step, so there "reversal with N steps" inverts and samples with N steps.
 2. The ablation ladder at 4 steps (paper Table 2): plain reversal, +9 renoise iterations, +averaging,
    +edit losses, +noise correction; and, for reference, exact noise correction (Eq. 4).
+3. The solvers (``bench_solvers.py``): the paper's loop against the accelerated solver, PSNR against calls on the
+   isotropic, spectral, spectral-flow and learned models; and adaptive stopping with both.
 
-Prints tables and writes ``bench.png`` and ``bench.md`` to ``--out``.
+Prints tables and writes ``bench.png``, ``solvers.png`` and ``bench.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from . import bench_solvers
 from .analytic import GaussianMixture, psnr
 from .edit_losses import EditLossConfig
 from .inversion import NoiseCorrectionConfig, ReNoiseConfig, invert, sample
@@ -105,18 +108,23 @@ def run(out: Path) -> str:
             value, calls = reconstruct_psnr(model, x0, sampler, schedule, schedule, config)
             cells.append(f"{value:.1f} ({calls})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    solver_lines, solver_curves = bench_solvers.solver_report()
+    lines += [""] + solver_lines + [""] + bench_solvers.tolerance_report()
     lines += ["", f"Run time: {time.perf_counter() - started:.1f} s on {torch.get_num_threads()} CPU threads."]
 
     out.mkdir(parents=True, exist_ok=True)
     report = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(report)
     plot_curves(curves, out / "bench.png")
+    shown = [name for name in solver_curves if name.endswith("/ euler") or name == "spectral / euler_ancestral + correction"]
+    plot_curves({name: solver_curves[name] for name in shown if not name.startswith("isotropic")}, out / "solvers.png")
     return report
 
 
 # --- a small line chart with Pillow (no plotting dependency) ---------------------------------------------------
 
-_COLOURS = {"sampler reversal": (200, 80, 40), "ReNoise": (30, 100, 200)}
+_COLOURS = {"sampler reversal": (200, 80, 40), "ReNoise": (30, 100, 200), "fixed_point": (200, 80, 40), "anderson": (30, 100, 200)}
 
 
 def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
@@ -136,7 +144,7 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
             return left + width * n / x_hi, top + height * (1 - (p - y_lo) / (y_hi - y_lo))
 
         draw.rectangle([left, top, left + width, top + height], outline=(0, 0, 0))
-        draw.text((left + 4, 8), f"{sampler}, {STEPS} sampling steps", fill=(0, 0, 0))
+        draw.text((left + 4, 8), f"{sampler}, {STEPS} sampling steps"[:52], fill=(0, 0, 0))
         for tick in range(0, x_hi + 1, 10):
             x, _ = to_px(tick, y_lo)
             draw.line([x, top + height, x, top + height + 4], fill=(0, 0, 0))
@@ -159,10 +167,10 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m renoise_core.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for bench.png and bench.md")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for bench.png, solvers.png and bench.md")
     args = parser.parse_args(argv)
     print(run(args.out), end="")
-    print(f"Wrote {args.out / 'bench.png'} and {args.out / 'bench.md'}")
+    print(f"Wrote {args.out / 'bench.png'}, {args.out / 'solvers.png'} and {args.out / 'bench.md'}")
 
 
 if __name__ == "__main__":

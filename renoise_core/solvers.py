@@ -142,20 +142,24 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
     - the correction ``dG gamma`` is bounded by a trust radius times ``||f_k||``, which grows while the secant
       model predicts the next residual well and shrinks when it does not (ill-conditioned steps such as lcm's,
       whose exact fixed point can lie far off the data, are only approached as far as the model is right);
-    - the result is the last secant point if the model was right at the last evaluation, else the plain update
-      ``G(z_K)`` (evaluated), or the best point's where the last residual grew.
+    - an evaluation at a secant point the model did not predict well is not trusted: the result then falls back to
+      the image of the last trusted point; the result is the last secant extrapolation only where the model was
+      right at the last evaluation (it cannot be checked without another call), and the best point's image where
+      the last residual grew.
 
     The map's own evaluation costs one denoiser call; the rest is O(history x latent size) arithmetic.
     """
     batch = start.shape[0]
     expand = (-1,) + (1,) * (start.ndim - 1)
+    never = torch.zeros((batch,), device=start.device, dtype=torch.bool)
     z = start
     d_residuals: list[Tensor] = []
     d_images: list[Tensor] = []
-    residual_prev = image_prev = norm_prev = predicted = None
-    best_image = best_eps = best_norm = None
+    residual_prev = image_prev = norm_prev = None
+    best_image = best_eps = best_norm = trusted_image = None
+    predicted = torch.zeros((batch,), device=start.device, dtype=start.dtype)
     radius = torch.full((batch,), _INITIAL_RADIUS, device=start.device, dtype=start.dtype)
-    trusted = torch.zeros((batch,), device=start.device, dtype=torch.bool)
+    accelerated = confirmed = never  # z came from a secant step; and the model predicted its residual well
     solution = StepSolution(start, start, 0)
     for k in range(evaluations):
         eps = problem.predict(z, k)
@@ -165,19 +169,19 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
         residual = (image - z).flatten(1)
         norm = residual.norm(dim=1)
         solution.evaluations = k + 1
+        if k >= 1:
+            solution.residual_norms.append(norm)
+            solution.relative_residuals.append(_relative(norm, image))
+        confirmed = accelerated & (norm <= _PREDICTION_SLACK * predicted)
+        radius = torch.where(accelerated, torch.where(confirmed, radius * _RADIUS_GROWTH, radius * _RADIUS_SHRINK), radius)
         if best_norm is None:
-            best_image, best_eps, best_norm = image, eps, norm
+            best_image, best_eps, best_norm, trusted_image = image, eps, norm, image
         else:
             better = norm < best_norm
             best_image = torch.where(better.view(expand), image, best_image)
             best_eps = torch.where(better.view(expand), eps, best_eps)
             best_norm = torch.minimum(norm, best_norm)
-        if k >= 1:
-            solution.residual_norms.append(norm)
-            solution.relative_residuals.append(_relative(norm, image))
-        if predicted is not None:  # was the secant model right about this residual?
-            trusted = norm <= _PREDICTION_SLACK * predicted
-            radius = torch.where(trusted, radius * _RADIUS_GROWTH, radius * _RADIUS_SHRINK)
+            trusted_image = torch.where((confirmed | ~accelerated).view(expand), image, trusted_image)
         # a residual that grew (or is not finite) restarts the item's history from its best point
         grown = ~(norm <= norm_prev) if norm_prev is not None else ~torch.isfinite(norm)
         if residual_prev is not None:
@@ -191,17 +195,16 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
             scale = (radius * norm / _norms(correction).clamp_min(torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
             correction = correction * scale.view(-1, 1)
             predicted = torch.where(scale < 1.0, norm, predicted)  # a clipped step predicts no more than progress
-            z_next = image - correction.view_as(image)
-            z_next = torch.where(grown.view(expand), best_image, z_next)
+            z_next = torch.where(grown.view(expand), best_image, image - correction.view_as(image))
+            accelerated = ~grown
         else:
-            z_next, predicted = image, None
+            z_next, accelerated = image, never
         if k >= 1 and _converged(solution.relative_residuals[-1], tol):
             break
         if k + 1 < evaluations:
             z = z_next
-    solution.latent = torch.where(grown.view(expand), best_image, image)
-    if d_residuals and history > 0:
-        solution.latent = torch.where((trusted & ~grown).view(expand), z_next, solution.latent)
+    solution.latent = torch.where(grown.view(expand), best_image, trusted_image)
+    solution.latent = torch.where((accelerated & confirmed).view(expand), z_next, solution.latent)
     solution.prediction = best_eps
     return solution
 

@@ -37,13 +37,17 @@ import torch  # noqa: E402
 import nodes  # noqa: E402  (ComfyUI's)
 
 sys.path.append(str(PACK_DIR))  # after ComfyUI: `nodes` stays ComfyUI's; only renoise_core is taken from here
-from renoise_core.analytic import GaussianMixture, psnr  # noqa: E402
+from renoise_core.analytic import GaussianMixture, SpectralMixture, psnr  # noqa: E402
 
 NUM_CLASSES = 16
 LATENT_SHAPE = (4, 16, 16)
 MIXTURE = GaussianMixture.random(components=NUM_CLASSES, shape=LATENT_SHAPE, std=1.0, seed=0)
+#: the exact models a graph can pick ("mixture" input of AnalyticModel / AnalyticLatent): the isotropic mixture and
+#: one whose components share a natural-image spectrum (a realistic Jacobian for the solvers)
+MIXTURES = {"isotropic": MIXTURE, "spectral": SpectralMixture.random(components=NUM_CLASSES, shape=(4, 32, 32), within=1.0, seed=0)}
 SD15_SCALE = 0.18215
 CAPTURED: dict[str, torch.Tensor] = {}
+NETWORK_CALLS = {"count": 0}  # forward calls of the analytic networks (one per denoiser call at cfg 1)
 
 
 # --- models ---------------------------------------------------------------------------------------------------
@@ -76,19 +80,21 @@ class AnalyticUNet(torch.nn.Module):
     """Replaces ``diffusion_model``: receives ``x / sqrt(1 + sigma^2)`` and the integer timestep, returns the exact
     eps (or v) of the Gaussian mixture, conditioned on the class prior stored in ``context[:, 0, :K]``."""
 
-    def __init__(self, training_sigmas: torch.Tensor, prediction: str):
+    def __init__(self, training_sigmas: torch.Tensor, prediction: str, mixture=MIXTURE):
         super().__init__()
         self.register_buffer("training_sigmas", training_sigmas.float().clone())
         self.prediction = prediction
+        self.mixture = mixture
         self.dtype = torch.float32
 
     def forward(self, x, timesteps=None, context=None, **kwargs):
+        NETWORK_CALLS["count"] += 1
         sigma = self.training_sigmas[timesteps.round().long()].to(x.device)
         scale = torch.sqrt(1 + sigma.double() ** 2).view(-1, 1, 1, 1)
         x_k = (x.double() * scale).float()
         prior = context[:, 0, :NUM_CLASSES].double()
         prior = prior / prior.sum(1, keepdim=True)
-        x0 = MIXTURE.posterior_mean(x_k, sigma, prior).double()
+        x0 = self.mixture.posterior_mean(x_k, sigma, prior).double()
         eps = (x_k.double() - x0) / sigma.double().view(-1, 1, 1, 1)
         if self.prediction == "v":  # DDPM units: x_ddpm = a x0 + s eps, v = a eps - s x0
             a, s = 1 / scale, sigma.double().view(-1, 1, 1, 1) / scale
@@ -103,9 +109,10 @@ def with_network(model_config, make_network):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
-def analytic_model(prediction: str = "eps"):
+def analytic_model(prediction: str = "eps", mixture: str = "isotropic"):
     """For "v", the graph patches the model with ModelSamplingDiscrete v_prediction."""
-    return with_network(comfy.supported_models.SD15(tiny_unet_config()), lambda m: AnalyticUNet(m.model_sampling.sigmas, prediction))
+    return with_network(comfy.supported_models.SD15(tiny_unet_config()),
+                        lambda m: AnalyticUNet(m.model_sampling.sigmas, prediction, MIXTURES[mixture]))
 
 
 # --- test-only nodes ------------------------------------------------------------------------------------------
@@ -117,10 +124,10 @@ class AnalyticModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"prediction": (["eps", "v"],)}}
+        return {"required": {"prediction": (["eps", "v"],)}, "optional": {"mixture": (list(MIXTURES),)}}
 
-    def load(self, prediction):
-        return (analytic_model(prediction),)
+    def load(self, prediction, mixture="isotropic"):
+        return (analytic_model(prediction, mixture),)
 
 
 class ClassConditioning:
@@ -147,10 +154,11 @@ class AnalyticLatent:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"classes": ("STRING", {"default": "3"}), "seed": ("INT", {"default": 1})}}
+        return {"required": {"classes": ("STRING", {"default": "3"}), "seed": ("INT", {"default": 1})},
+                "optional": {"mixture": (list(MIXTURES),)}}
 
-    def make(self, classes, seed):
-        x0 = MIXTURE.sample([int(c) for c in classes.split(",")], seed=seed)
+    def make(self, classes, seed, mixture="isotropic"):
+        x0 = MIXTURES[mixture].sample([int(c) for c in classes.split(",")], seed=seed)
         CAPTURED["x0"] = x0
         return ({"samples": x0 / SD15_SCALE},)  # LATENT space; the sampler sees x0 after process_in
 
@@ -215,25 +223,29 @@ def run_prompt(prompt: dict) -> dict:
                    for node, info in valid[3].items()}
     server = FakeServer()
     executor = execution.PromptExecutor(server, cache_type=False)
+    calls_before = NETWORK_CALLS["count"]
     executor.execute(prompt, "1", {}, valid[2])
     errors = [data for event, data in executor.status_messages if event == "execution_error"]
     return {"valid": True, "success": executor.success, "error": errors[0].get("exception_message") if errors else None,
-            "captured": sorted(set(CAPTURED) - CAPTURED_BEFORE), "node_errors": node_errors}
+            "captured": sorted(set(CAPTURED) - CAPTURED_BEFORE), "node_errors": node_errors,
+            "network_calls": NETWORK_CALLS["count"] - calls_before}
 
 
 def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class: int | None = None, cfg=1.0,
                    noise_correction: str | None = None, continue_with="samplercustom", prediction="eps", patch=None,
-                   sampling_sigmas_steps: int | None = None, steps=4, edit_loss=False, skip: int | None = None) -> dict:
-    """The standard graphs: ReNoiseInvert, then either ReNoiseSampler + SamplerCustom or KSamplerAdvanced."""
+                   sampling_sigmas_steps: int | None = None, steps=4, edit_loss=False, skip: int | None = None,
+                   mixture: str = "isotropic", solver: str | None = None) -> dict:
+    """The standard graphs: ReNoiseInvert, then either ReNoiseSampler + SamplerCustom or KSamplerAdvanced.
+    ``solver``: None leaves ReNoiseInvert's solver input unconnected; a method name connects a ReNoiseSolver."""
     context_dim = 768
     if prediction == "v":
         patch = "v_prediction"
     first_class = int(classes.split(",")[0])
     prompt = {
-        "1": {"class_type": "AnalyticModel", "inputs": {"prediction": prediction}},
+        "1": {"class_type": "AnalyticModel", "inputs": {"prediction": prediction, "mixture": mixture}},
         "2": {"class_type": "ClassConditioning", "inputs": {"class_index": first_class, "context_dim": context_dim}},
         "3": {"class_type": "ClassConditioning", "inputs": {"class_index": -1, "context_dim": context_dim}},
-        "4": {"class_type": "AnalyticLatent", "inputs": {"classes": classes, "seed": 1}},
+        "4": {"class_type": "AnalyticLatent", "inputs": {"classes": classes, "seed": 1, "mixture": mixture}},
         "6": {"class_type": "ReNoiseInvert", "inputs": {
             "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
             "sampler_name": sampler, "scheduler": "simple", "steps": steps, "denoise": 1.0, "cfg": cfg,
@@ -252,6 +264,9 @@ def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class:
     if noise_correction:
         prompt["5"] = {"class_type": "NoiseCorrection", "inputs": {"mode": noise_correction, "steps": 10, "step_size": 1.8}}
         prompt["6"]["inputs"]["noise_correction"] = ["5", 0]
+    if solver is not None:
+        prompt["15"] = {"class_type": "ReNoiseSolver", "inputs": solver_inputs(solver)}
+        prompt["6"]["inputs"]["solver"] = ["15", 0]
     if edit_loss:
         prompt["12"] = {"class_type": "EditLossConfig", "inputs": {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4,
                                                                     "ac_rolls": 5, "patch_size": 4}}
@@ -276,6 +291,14 @@ def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class:
             "model": model_ref, "add_noise": False, "noise_seed": 0, "cfg": cfg, "positive": target, "negative": ["3", 0],
             "sampler": ["7", 0], "sigmas": sigmas, "latent_image": ["6", 0]}}
     return prompt
+
+
+def solver_inputs(method: str, **changes) -> dict:
+    """ReNoiseSolver's widgets at their defaults (the paper's first-step rule), with ``method``."""
+    inputs = {"method": method, "history": 3, "average_start": 8, "first_step_below_timestep": 250, "first_step_renoise_steps": 4,
+              "first_step_average_start": 0, "convergence_tol": 0.0}
+    inputs.update(changes)
+    return inputs
 
 
 def reconstruction_db(result: dict) -> float | None:
@@ -528,6 +551,10 @@ def scenario_files(workdir: Path) -> dict:
 # --- flow models (Flux architecture, CONST sampling) -----------------------------------------------------------
 
 FLOW_MIXTURE = GaussianMixture.random(components=NUM_CLASSES, shape=(16, 16, 16), std=1.0, seed=0, parameterization="flow")
+FLOW_MIXTURES = {
+    "isotropic": FLOW_MIXTURE,
+    "spectral": SpectralMixture.random(components=NUM_CLASSES, shape=(16, 16, 16), within=1.0, seed=0, parameterization="flow"),
+}
 FLUX_SCALE, FLUX_SHIFT = 0.3611, 0.1159
 
 
@@ -536,25 +563,27 @@ class AnalyticFlowNet(torch.nn.Module):
     for ModelSamplingSD3's discrete flow), returns ``(x - E[x0 | x]) / sigma``, which CONST turns back into
     ``E[x0 | x]``."""
 
-    def __init__(self, timestep_scale: float):
+    def __init__(self, timestep_scale: float, mixture=FLOW_MIXTURE):
         super().__init__()
         self.timestep_scale = timestep_scale
+        self.mixture = mixture
         self.dtype = torch.float32
 
     def forward(self, x, timestep, context=None, y=None, guidance=None, **kwargs):
+        NETWORK_CALLS["count"] += 1
         sigma = timestep.double() / self.timestep_scale
         prior = context[:, 0, :NUM_CLASSES].double()
         prior = prior / prior.sum(1, keepdim=True)
-        x0 = FLOW_MIXTURE.posterior_mean(x.double(), sigma, prior).double()
+        x0 = self.mixture.posterior_mean(x.double(), sigma, prior).double()
         return ((x.double() - x0) / sigma.view(-1, 1, 1, 1)).float()
 
 
-def analytic_flux(timestep_scale: float):
+def analytic_flux(timestep_scale: float, mixture: str = "isotropic"):
     config = comfy.supported_models.FluxSchnell({
         "image_model": "flux", "guidance_embed": False, "in_channels": 16, "out_channels": 16, "vec_in_dim": 768,
         "context_in_dim": 4096, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1,
         "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True})
-    return with_network(config, lambda m: AnalyticFlowNet(timestep_scale))
+    return with_network(config, lambda m: AnalyticFlowNet(timestep_scale, FLOW_MIXTURES[mixture]))
 
 
 class AnalyticFluxModel:
@@ -564,10 +593,10 @@ class AnalyticFluxModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"timestep_scale": ("FLOAT", {"default": 1.0})}}
+        return {"required": {"timestep_scale": ("FLOAT", {"default": 1.0})}, "optional": {"mixture": (list(FLOW_MIXTURES),)}}
 
-    def load(self, timestep_scale):
-        return (analytic_flux(timestep_scale),)
+    def load(self, timestep_scale, mixture="isotropic"):
+        return (analytic_flux(timestep_scale, mixture),)
 
 
 class FlowConditioning:
@@ -592,10 +621,10 @@ class FlowLatent:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"classes": ("STRING", {"default": "3"})}}
+        return {"required": {"classes": ("STRING", {"default": "3"})}, "optional": {"mixture": (list(FLOW_MIXTURES),)}}
 
-    def make(self, classes):
-        x0 = FLOW_MIXTURE.sample([int(c) for c in classes.split(",")], seed=1)
+    def make(self, classes, mixture="isotropic"):
+        x0 = FLOW_MIXTURES[mixture].sample([int(c) for c in classes.split(",")], seed=1)
         CAPTURED["x0"] = x0
         return ({"samples": x0 / FLUX_SCALE + FLUX_SHIFT},)  # LATENT space of Flux
 
@@ -619,15 +648,16 @@ TEST_NODES.update({"AnalyticFluxModel": AnalyticFluxModel, "FlowConditioning": F
                    "CaptureFlowLatent": CaptureFlowLatent})
 
 
-def flow_graph(patch: str, sampler: str, renoise_steps: int, *, noise_correction=None, denoise=1.0, edit_friendly=False) -> dict:
+def flow_graph(patch: str, sampler: str, renoise_steps: int, *, noise_correction=None, denoise=1.0, edit_friendly=False,
+               mixture: str = "isotropic", solver: str | None = None) -> dict:
     """Flux (schnell architecture) with ModelSamplingFlux or ModelSamplingSD3, ReNoiseInvert (or
     EditFriendlyInvert) -> ReNoiseSampler -> SamplerCustom."""
     scale = 1.0 if patch == "flux" else 1000.0
     prompt = {
-        "1": {"class_type": "AnalyticFluxModel", "inputs": {"timestep_scale": scale}},
+        "1": {"class_type": "AnalyticFluxModel", "inputs": {"timestep_scale": scale, "mixture": mixture}},
         "2": {"class_type": "FlowConditioning", "inputs": {"class_index": 3}},
         "3": {"class_type": "FlowConditioning", "inputs": {"class_index": -1}},
-        "4": {"class_type": "FlowLatent", "inputs": {"classes": "3,5"}},
+        "4": {"class_type": "FlowLatent", "inputs": {"classes": "3,5", "mixture": mixture}},
         "6": {"class_type": "ReNoiseInvert", "inputs": {
             "model": ["11", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "sampler_name": sampler,
             "scheduler": "simple", "steps": 4, "denoise": denoise, "cfg": 1.0, "renoise_steps": renoise_steps, "seed": 7865}},
@@ -645,6 +675,9 @@ def flow_graph(patch: str, sampler: str, renoise_steps: int, *, noise_correction
     if noise_correction:
         prompt["5"] = {"class_type": "NoiseCorrection", "inputs": {"mode": noise_correction, "steps": 10, "step_size": 1.8}}
         prompt["6"]["inputs"]["noise_correction"] = ["5", 0]
+    if solver is not None:
+        prompt["15"] = {"class_type": "ReNoiseSolver", "inputs": solver_inputs(solver)}
+        prompt["6"]["inputs"]["solver"] = ["15", 0]
     if edit_friendly:
         inputs = prompt["6"]["inputs"]
         del inputs["renoise_steps"]
@@ -673,7 +706,36 @@ def scenario_flow(workdir: Path) -> dict:
     return results
 
 
-SCENARIOS = {"flow": scenario_flow, "analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows,
+def scenario_solvers(workdir: Path) -> dict:
+    """The paper's loop against the accelerated solver through the real host, on exact models whose components
+    share a natural-image spectrum (eps: SD1.5 architecture, 4 steps, simple; flow: Flux architecture with
+    ModelSamplingSD3 shift 3). Each case reports its PSNR and the denoiser calls ReNoiseInvert made."""
+    cases = {
+        "euler_paper_k9": dict(sampler="euler", renoise_steps=9, solver="fixed_point"),
+        "euler_anderson_k2": dict(sampler="euler", renoise_steps=2, solver="anderson"),
+        "euler_anderson_k9": dict(sampler="euler", renoise_steps=9, solver="anderson"),
+        "euler_default_k9": dict(sampler="euler", renoise_steps=9),  # solver unconnected
+        "ea_optimize_paper_k9": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", solver="fixed_point"),
+        "ea_optimize_anderson_k9": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", solver="anderson"),
+        "lcm_optimize_anderson_k9": dict(sampler="lcm", renoise_steps=9, noise_correction="optimize", solver="anderson", patch="lcm"),
+        "turbo_defaults_anderson": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True),
+    }
+    results = {}
+    for name, kwargs in cases.items():
+        CAPTURED.clear()
+        result = run_prompt(analytic_graph(classes="0,3,6,9", mixture="spectral", **kwargs))
+        result["psnr"] = reconstruction_db(result)
+        results[name] = result
+    for name, solver in (("flow_euler_paper_k9", "fixed_point"), ("flow_euler_anderson_k9", "anderson")):
+        CAPTURED.clear()
+        result = run_prompt(flow_graph("sd3", "euler", 9, mixture="spectral", solver=solver))
+        result["psnr"] = reconstruction_db(result)
+        results[name] = result
+    return results
+
+
+SCENARIOS = {"solvers": scenario_solvers,
+             "flow": scenario_flow, "analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows,
              "files": scenario_files}
 
 

@@ -8,6 +8,7 @@ one process the way pytest imports them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -165,3 +166,31 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert row["denoiser_calls"] == 38 and row["plain_calls"] == 4
     assert row["floor_s"] > 0 and row["renoise_s"] > 0
     assert "| sd15 | 64 | 1 | 38 |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def solvers(tmp_path_factory) -> dict:
+    return run_scenario("solvers", tmp_path_factory.mktemp("comfy_solvers"))
+
+
+def inversion_calls(result: dict, sampling_steps: int = 4) -> int:
+    """Network calls of a graph that inverts and then samples once (cfg 1: one call per denoiser call)."""
+    return result["network_calls"] - sampling_steps
+
+
+def test_accelerated_solver_through_the_real_host(solvers):
+    """Issue targets on the spectral exact model, 4 steps, simple schedule, measured through the nodes."""
+    paper = ok(solvers["euler_paper_k9"])
+    fast, equal = ok(solvers["euler_anderson_k2"]), ok(solvers["euler_anderson_k9"])
+    assert (inversion_calls(paper), inversion_calls(fast), inversion_calls(equal)) == (35, 12, 35)
+    assert fast["psnr"] >= paper["psnr"], (fast["psnr"], paper["psnr"])  # 12 calls against 35
+    assert equal["psnr"] >= paper["psnr"] + 25.0, (equal["psnr"], paper["psnr"])
+    assert ok(solvers["euler_default_k9"])["psnr"] == pytest.approx(equal["psnr"], abs=1e-6)  # unconnected = anderson
+    ea_paper, ea_fast = ok(solvers["ea_optimize_paper_k9"]), ok(solvers["ea_optimize_anderson_k9"])
+    assert inversion_calls(ea_paper) == inversion_calls(ea_fast) == 38
+    assert ea_fast["psnr"] >= ea_paper["psnr"] + 20.0, (ea_fast["psnr"], ea_paper["psnr"])
+    flow_paper, flow_fast = ok(solvers["flow_euler_paper_k9"]), ok(solvers["flow_euler_anderson_k9"])
+    assert inversion_calls(flow_paper) == inversion_calls(flow_fast) == 40
+    assert flow_fast["psnr"] >= flow_paper["psnr"] + 10.0, (flow_fast["psnr"], flow_paper["psnr"])
+    assert math.isfinite(ok(solvers["lcm_optimize_anderson_k9"])["psnr"])
+    assert inversion_calls(ok(solvers["turbo_defaults_anderson"])) == 38
