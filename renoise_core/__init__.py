@@ -21,7 +21,7 @@ from .inversion import (
 )
 from .samplers import SAMPLERS, AffineStep, check_sigmas, make_steps
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "SAMPLERS",
