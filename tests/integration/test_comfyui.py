@@ -165,3 +165,13 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert row["denoiser_calls"] == 38 and row["plain_calls"] == 4
     assert row["floor_s"] > 0 and row["renoise_s"] > 0
     assert "| sd15 | 64 | 1 | 38 |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_learned_denoiser_as_a_comfyui_model(tmp_path):
+    """The shipped learned denoiser (renoise_core/learned.py) as the diffusion_model of an SD1.5-architecture
+    model: renoising beats plain reversal through KSamplerAdvanced, and euler_ancestral with exact noise correction
+    stays finite on a real network's rough Jacobian."""
+    results = run_scenario("learned", tmp_path)
+    plain, renoise = ok(results["euler_k0"])["psnr"], ok(results["euler_k9"])["psnr"]
+    assert renoise > plain + 5.0, (plain, renoise)
+    assert ok(results["ea_k9_exact"])["psnr"] > plain, results["ea_k9_exact"]["psnr"]
