@@ -13,8 +13,8 @@ Samplers: euler (no noise), euler_ancestral and lcm with the paper's noise corre
 each model's exact consistency function (``MixtureModel.consistency_denoiser``) and, on the learned model, on the
 network itself. lcm is left out on the flow model: its inverse step divides by ``1 - sigma_next`` (10 at the top
 step of a shift-3 schedule): measured, the paper loop's reconstruction there is below 0 dB at every K and NaN at
-K = 20, and the accelerated solver's is finite but poor below K = 6. 4 sampling steps, ComfyUI's ``simple`` scheduler. Both solvers make the same calls for
-a given K (the first-step rule caps K at 4 on steps below timestep 250 for both).
+K = 20, and the accelerated solver's is finite but poor below K = 6. 4 sampling steps, ComfyUI's ``simple``
+scheduler. Both solvers make the same calls for a given K (the first-step rule caps K at 4 on steps below timestep 250 for both).
 """
 
 from __future__ import annotations
@@ -70,18 +70,19 @@ class Case:
         return psnr(out, self.x0).mean().item(), inversion.denoiser_calls
 
 
-def models() -> dict[str, tuple[object, str]]:
-    """name -> (model with ``denoiser``/``consistency_denoiser``/``sample``, parameterization)."""
-    found = {
-        "isotropic": (GaussianMixture.random(components=16, shape=(4, 32, 32), std=1.0, seed=0), "eps"),
-        "spectral": (SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0), "eps"),
-        "spectral-flow": (SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0, parameterization="flow"), "flow"),
-    }
+def models() -> dict[str, tuple[object, object, str]]:
+    """name -> (model with ``denoiser`` (and, for the exact ones, ``consistency_denoiser``), the mixture whose
+    ``sample`` gives the test latents, parameterization). The learned network is tested on held-out samples of the
+    spectral mixture it was trained on."""
+    spectral = SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0)
+    flow = SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0, parameterization="flow")
+    isotropic = GaussianMixture.random(components=16, shape=(4, 32, 32), std=1.0, seed=0)
+    found = {"isotropic": (isotropic, isotropic, "eps"), "spectral": (spectral, spectral, "eps"), "spectral-flow": (flow, flow, "flow")}
     try:
         from .learned import load_learned_denoiser
     except ImportError:  # a checkout without the shipped network
         return found
-    found["learned"] = (load_learned_denoiser(), "eps")
+    found["learned"] = (load_learned_denoiser(), spectral, "eps")
     return found
 
 
@@ -90,14 +91,14 @@ def cases(model_names: Sequence[str] | None = None) -> list[Case]:
     early = sigma_at_timestep(training_sigmas, 250)
     correction = NoiseCorrectionConfig("optimize")
     found = []
-    for name, (model, parameterization) in models().items():
+    for name, (model, data, parameterization) in models().items():
         if model_names is not None and name not in model_names:
             continue
         if parameterization == "flow":
             sigmas, early_below = flow_simple_schedule(STEPS, shift=3.0), None  # timestep 250 is sigma 0.5, not below
         else:
             sigmas, early_below = simple_schedule(training_sigmas, STEPS), early
-        x0 = model.sample(CLASSES, seed=1)
+        x0 = data.sample(CLASSES, seed=1)
         for sampler, nc in (("euler", None), ("euler_ancestral", correction), ("lcm", correction)):
             if sampler == "lcm" and parameterization == "flow":
                 continue

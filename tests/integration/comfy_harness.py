@@ -734,9 +734,98 @@ def scenario_solvers(workdir: Path) -> dict:
     return results
 
 
-SCENARIOS = {"solvers": scenario_solvers,
-             "flow": scenario_flow, "analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows,
-             "files": scenario_files}
+# --- the learned test denoiser (renoise_core/learned.py) as an SD1.5-architecture model -------------------------
+
+LEARNED_SHAPE = (4, 32, 32)  # what the shipped network was trained on (scripts/train_learned_denoiser.py)
+_LEARNED = {}
+
+
+def learned_data():
+    """The spectral mixture the learned denoiser was trained on (its held-out samples are the test latents)."""
+    from renoise_core.analytic import SpectralMixture
+
+    if "data" not in _LEARNED:
+        _LEARNED["data"] = SpectralMixture.random(components=NUM_CLASSES, shape=LEARNED_SHAPE, within=1.0, alpha=2.0, seed=0)
+    return _LEARNED["data"]
+
+
+class LearnedUNet(torch.nn.Module):
+    """Replaces ``diffusion_model`` with the shipped learned denoiser: receives ``x / sqrt(1 + sigma^2)`` and the
+    integer timestep, returns eps, conditioned on the class prior in ``context[:, 0, :K]`` (as AnalyticUNet)."""
+
+    def __init__(self, training_sigmas: torch.Tensor):
+        super().__init__()
+        from renoise_core.learned import load_learned_denoiser
+
+        self.register_buffer("training_sigmas", training_sigmas.float().clone())
+        self.learned = load_learned_denoiser()
+        self.dtype = torch.float32
+
+    def forward(self, x, timesteps=None, context=None, **kwargs):
+        sigma = self.training_sigmas[timesteps.round().long()].to(x.device)
+        x_k = x * torch.sqrt(1 + sigma**2).view(-1, 1, 1, 1)
+        prior = context[:, 0, :NUM_CLASSES].float()
+        prior = prior / prior.sum(1, keepdim=True)
+        x0 = self.learned.denoise(x_k, sigma, prior)
+        return (x_k - x0) / sigma.view(-1, 1, 1, 1)
+
+
+class LearnedModel:
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return (with_network(comfy.supported_models.SD15(tiny_unet_config()), lambda m: LearnedUNet(m.model_sampling.sigmas)),)
+
+
+class LearnedLatent:
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"classes": ("STRING", {"default": "3"}), "seed": ("INT", {"default": 1})}}
+
+    def make(self, classes, seed):
+        x0 = learned_data().sample([int(c) for c in classes.split(",")], seed=seed)
+        CAPTURED["x0"] = x0
+        return ({"samples": x0 / SD15_SCALE},)
+
+
+TEST_NODES.update({"LearnedModel": LearnedModel, "LearnedLatent": LearnedLatent})
+
+
+def learned_graph(sampler: str, renoise_steps: int, **kwargs) -> dict:
+    """``analytic_graph`` with the learned model and a latent of its training distribution."""
+    prompt = analytic_graph(sampler, renoise_steps, **kwargs)
+    prompt["1"] = {"class_type": "LearnedModel", "inputs": {}}
+    prompt["4"] = {"class_type": "LearnedLatent", "inputs": {"classes": kwargs.get("classes", "3"), "seed": 1}}
+    return prompt
+
+
+def scenario_learned(workdir: Path) -> dict:
+    cases = {
+        "euler_k0": dict(sampler="euler", renoise_steps=0, continue_with="ksampleradvanced"),
+        "euler_k9": dict(sampler="euler", renoise_steps=9, continue_with="ksampleradvanced"),
+        "ea_k9_exact": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="exact", classes="3,5"),
+    }
+    results = {}
+    for name, kwargs in cases.items():
+        CAPTURED.clear()
+        result = run_prompt(learned_graph(**kwargs))
+        result["psnr"] = reconstruction_db(result)
+        results[name] = result
+    return results
+
+
+SCENARIOS = {"solvers": scenario_solvers, "learned": scenario_learned, "flow": scenario_flow, "analytic": scenario_analytic,
+             "checkpoint": scenario_checkpoint, "workflows": scenario_workflows, "files": scenario_files}
 
 
 def main() -> None:

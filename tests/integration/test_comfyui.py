@@ -194,3 +194,13 @@ def test_accelerated_solver_through_the_real_host(solvers):
     assert flow_fast["psnr"] >= flow_paper["psnr"] + 10.0, (flow_fast["psnr"], flow_paper["psnr"])
     assert math.isfinite(ok(solvers["lcm_optimize_anderson_k9"])["psnr"])
     assert inversion_calls(ok(solvers["turbo_defaults_anderson"])) == 38
+
+
+def test_learned_denoiser_as_a_comfyui_model(tmp_path):
+    """The shipped learned denoiser (renoise_core/learned.py) as the diffusion_model of an SD1.5-architecture
+    model: renoising beats plain reversal through KSamplerAdvanced, and euler_ancestral with exact noise correction
+    stays finite on a real network's rough Jacobian."""
+    results = run_scenario("learned", tmp_path)
+    plain, renoise = ok(results["euler_k0"])["psnr"], ok(results["euler_k9"])["psnr"]
+    assert renoise > plain + 5.0, (plain, renoise)
+    assert ok(results["ea_k9_exact"])["psnr"] > plain, results["ea_k9_exact"]["psnr"]
