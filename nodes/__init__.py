@@ -1,6 +1,7 @@
 """ComfyUI nodes of the ReNoise pack."""
 
 from .file_nodes import ReNoiseLoadInversion, ReNoiseSaveInversion
+from .local_edit_nodes import ReNoiseEditMask
 from .renoise_nodes import EditFriendlyInvert, EditLossConfig, NoiseCorrection, ReNoiseInvert, ReNoiseSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "ReNoiseSaveInversion": ReNoiseSaveInversion,
     "ReNoiseLoadInversion": ReNoiseLoadInversion,
     "EditFriendlyInvert": EditFriendlyInvert,
+    "ReNoiseEditMask": ReNoiseEditMask,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -21,6 +23,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ReNoiseSaveInversion": "ReNoise Save Inversion",
     "ReNoiseLoadInversion": "ReNoise Load Inversion",
     "EditFriendlyInvert": "Edit-Friendly DDPM Invert",
+    "ReNoiseEditMask": "ReNoise Edit Mask (DiffEdit)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
