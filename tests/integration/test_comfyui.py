@@ -165,3 +165,29 @@ def test_gpu_benchmark_script_runs_on_cpu(tmp_path):
     assert row["denoiser_calls"] == 38 and row["plain_calls"] == 4
     assert row["floor_s"] > 0 and row["renoise_s"] > 0
     assert "| sd15 | 64 | 1 | 38 |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def local_edit(tmp_path_factory) -> dict:
+    return run_scenario("local_edit", tmp_path_factory.mktemp("comfy_local_edit"))
+
+
+@pytest.mark.parametrize("case", ["ea_optimize", "euler", "ddpm_optimize", "edit_friendly_ddpm_skip1"])
+def test_masked_sampling_keeps_the_photo_outside_the_mask(local_edit, case):
+    """ReNoiseSampler's mask through ComfyUI's own sampler functions: the kept region is the photo's latent."""
+    result = ok(local_edit[case])
+    assert result["outside_psnr"] >= 60.0, result
+    assert result["inside_change"] > 0.05, result  # and the box was edited
+
+
+def test_all_one_mask_is_the_unmasked_edit_and_a_wrong_mask_names_both_shapes(local_edit):
+    assert ok(local_edit["all_one"])["identical"]
+    wrong = local_edit["wrong_size"]
+    assert wrong["valid"] and not wrong["success"]
+    assert "[1, 64, 128]" in wrong["error"] and "[2, 4, 16, 16]" in wrong["error"], wrong["error"]
+
+
+def test_edit_mask_node_finds_the_region(local_edit):
+    result = ok(local_edit["edit_mask"])
+    assert result["shape"] == [2, 128, 128]
+    assert min(result["iou"]) >= 0.8, result["iou"]
