@@ -257,7 +257,8 @@ class ReNoiseSampler:
     DESCRIPTION = (
         "A stock ComfyUI sampler (the inversion's) that replays the inversion's per-step noises. Use it in "
         "SamplerCustom / SamplerCustomAdvanced with add_noise off, ReNoiseInvert's latent and sigmas: the source "
-        "prompt reconstructs the image, a new prompt edits it."
+        "prompt reconstructs the image, a new prompt edits it. With a mask, only the masked region changes: the rest "
+        "follows the photo's own trajectory and ends exactly on it."
     )
     CATEGORY = CATEGORY
     FUNCTION = "get_sampler"

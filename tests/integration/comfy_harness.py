@@ -764,6 +764,22 @@ def scenario_local_edit(workdir: Path) -> dict:
             result["outside_psnr"] = outside.min().item()
             result["inside_change"] = (out - x0)[region].abs().mean().item()
         results[name] = result
+    # a flow model (Flux architecture) inverted from sigma 1: the sampler starts from the inversion's start latent
+    CAPTURED.clear()
+    prompt = flow_graph("flux", "euler_ancestral", 9, noise_correction="optimize")
+    prompt["13"] = {"class_type": "FlowConditioning", "inputs": {"class_index": 9}}
+    prompt["8"]["inputs"]["positive"] = ["13", 0]
+    prompt["15"] = {"class_type": "BoxMask", "inputs": {"value": 1.0, "size": 128}}
+    prompt["7"]["inputs"]["mask"] = ["15", 0]
+    result = run_prompt(prompt)
+    if result.get("success"):
+        out, x0 = CAPTURED["reconstruction"].double(), CAPTURED["x0"].double()
+        flow_region = torch.zeros(out.shape, dtype=torch.bool)
+        flow_region[:, :, BOX[0], BOX[1]] = True
+        result["outside_psnr"] = psnr(out[~flow_region].view(2, -1), x0[~flow_region].view(2, -1)).min().item()
+        result["inside_change"] = (out - x0)[flow_region].abs().mean().item()
+    results["flux_ea_optimize"] = result
+
     # an all-one mask is the unmasked edit, bit for bit
     CAPTURED.clear()
     result = run_prompt(local_edit_graph("euler_ancestral", mask=None))

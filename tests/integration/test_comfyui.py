@@ -172,10 +172,11 @@ def local_edit(tmp_path_factory) -> dict:
     return run_scenario("local_edit", tmp_path_factory.mktemp("comfy_local_edit"))
 
 
-@pytest.mark.parametrize("case", ["ea_optimize", "euler", "ddpm_optimize", "edit_friendly_ddpm_skip1"])
+@pytest.mark.parametrize("case", ["ea_optimize", "euler", "ddpm_optimize", "edit_friendly_ddpm_skip1", "flux_ea_optimize"])
 def test_masked_sampling_keeps_the_photo_outside_the_mask(local_edit, case):
     """ReNoiseSampler's mask through ComfyUI's own sampler functions: the kept region is the photo's latent."""
     result = ok(local_edit[case])
+    print(f"{case}: outside {result['outside_psnr']:.1f} dB, mean |change| inside {result['inside_change']:.3f}")
     assert result["outside_psnr"] >= 60.0, result
     assert result["inside_change"] > 0.05, result  # and the box was edited
 
@@ -189,5 +190,6 @@ def test_all_one_mask_is_the_unmasked_edit_and_a_wrong_mask_names_both_shapes(lo
 
 def test_edit_mask_node_finds_the_region(local_edit):
     result = ok(local_edit["edit_mask"])
+    print(f"ReNoiseEditMask IoU at defaults: {result['iou']}")
     assert result["shape"] == [2, 128, 128]
     assert min(result["iou"]) >= 0.8, result["iou"]
