@@ -147,6 +147,8 @@ class _AdjustedModel:
         return self.adjust(x, self.model_k(x, sigma, **kwargs))
 
     def __getattr__(self, name):
+        if name == "model_k":  # not set yet (copying): no recursion
+            raise AttributeError(name)
         return getattr(self.model_k, name)
 
 
