@@ -1,6 +1,7 @@
 """ComfyUI nodes of the ReNoise pack."""
 
 from .file_nodes import ReNoiseLoadInversion, ReNoiseSaveInversion
+from .local_edit_nodes import ReNoiseEditMask
 from .renoise_nodes import EditFriendlyInvert, EditLossConfig, NoiseCorrection, ReNoiseInvert, ReNoiseSampler, ReNoiseSolver
 
 NODE_CLASS_MAPPINGS = {
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "ReNoiseSaveInversion": ReNoiseSaveInversion,
     "ReNoiseLoadInversion": ReNoiseLoadInversion,
     "EditFriendlyInvert": EditFriendlyInvert,
+    "ReNoiseEditMask": ReNoiseEditMask,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -23,6 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ReNoiseSaveInversion": "ReNoise Save Inversion",
     "ReNoiseLoadInversion": "ReNoise Load Inversion",
     "EditFriendlyInvert": "Edit-Friendly DDPM Invert",
+    "ReNoiseEditMask": "ReNoise Edit Mask (DiffEdit)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

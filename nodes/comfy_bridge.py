@@ -111,10 +111,14 @@ def sigma_at_timestep(model, timestep: float) -> float:
     return float(model_sampling.sigma(torch.tensor([float(t)])).item())
 
 
-def replaying_sampler(sampler_name: str, options: dict, prepare_run: Callable[[Tensor, Tensor, str], tuple[Tensor, Callable | None]]):
+def replaying_sampler(sampler_name: str, options: dict, prepare_run: Callable[[Tensor, Tensor, str], tuple[Tensor, Callable | None]],
+                      adjust_prediction: Callable[[Tensor, Tensor], Callable[[Tensor, Tensor], Tensor] | None] | None = None):
     """A stock ComfyUI SAMPLER (``sampler_object(sampler_name)``) whose k-diffusion function starts, per run, from
     the latent and with the ``noise_sampler`` that ``prepare_run(x, sigmas, model_family)`` returns (it validates
-    the run and may raise)."""
+    the run and may raise).
+
+    ``adjust_prediction(x, sigmas)``, if given, is called per run after ``prepare_run`` and may return a function
+    ``(x, denoised) -> denoised`` that every model evaluation of the stock loop goes through (masked sampling)."""
     stock = comfy.samplers.sampler_object(sampler_name)
     stock_function = stock.sampler_function
 
@@ -123,9 +127,68 @@ def replaying_sampler(sampler_name: str, options: dict, prepare_run: Callable[[T
         x, noise_sampler = prepare_run(x, sigmas, type(base_model.model_config).__name__)
         if noise_sampler is not None:
             extra_options["noise_sampler"] = noise_sampler
+        adjust = adjust_prediction(x, sigmas) if adjust_prediction is not None else None
+        if adjust is not None:
+            model_k = _AdjustedModel(model_k, adjust)
         return stock_function(model_k, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **extra_options)
 
     return comfy.samplers.KSAMPLER(sampler_function, {**stock.extra_options, **options}, stock.inpaint_options)
+
+
+class _AdjustedModel:
+    """``model_k`` (KSamplerX0Inpaint) whose prediction goes through ``adjust(x, denoised)``; every other attribute
+    (``inner_model``, which samplers read for the model's sampling kind) is the wrapped one's."""
+
+    def __init__(self, model_k, adjust: Callable[[Tensor, Tensor], Tensor]):
+        self.model_k = model_k
+        self.adjust = adjust
+
+    def __call__(self, x, sigma, **kwargs):
+        return self.adjust(x, self.model_k(x, sigma, **kwargs))
+
+    def __getattr__(self, name):
+        if name == "model_k":  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.model_k, name)
+
+
+class _PromptPairGuider(comfy.samplers.CFGGuider):
+    """A guider whose prediction is the conditional predictions under ``positive`` and ``negative`` stacked on the
+    batch (``[2B, ...]``), no CFG combination: one ``calc_cond_batch`` evaluates both, batched into one model
+    forward when memory allows, as CFG does."""
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+        first, second = comfy.samplers.calc_cond_batch(
+            self.inner_model, [self.conds.get("positive"), self.conds.get("negative")], x, timestep, model_options)
+        return torch.cat([first, second])
+
+
+def run_prompt_pair(model, source, target, latent: dict, function: Callable, seed: int):
+    """Run ``function(pair_denoiser, x0)`` inside ComfyUI's guider (model loaded and patched the ComfyUI way) and
+    return what it returns. ``x0`` is the photo's latent in the model's (sampler's) space; ``pair_denoiser(x,
+    sigma) -> (D_source, D_target)`` gives the conditional predictions under both prompts (predicted x0, k-diffusion
+    units), one guider evaluation per call. The latent's ``noise_mask`` is ignored."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    guider = _PromptPairGuider(model)
+    guider.set_conds(source, target)
+    results = []
+
+    def sampler_function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = {} if extra_args is None else extra_args
+        batch = x.shape[0]
+
+        def pair_denoiser(x_in: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+            both = model_k(x_in, sigma, **extra_args)
+            return both[:batch], both[batch:]
+
+        results.append(function(pair_denoiser, x))
+        return x
+
+    # zero noise at sigma 0: noise_scaling hands the function the clean latent (flow models too)
+    sigmas = torch.tensor([0.0, float(model.get_model_object("model_sampling").sigma_max)])
+    guider.sample(torch.zeros_like(latent_image), latent_image, comfy.samplers.KSAMPLER(sampler_function), sigmas,
+                  disable_pbar=True, seed=seed)
+    return results[-1]
 
 
 def output_directory() -> str:

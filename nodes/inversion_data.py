@@ -59,6 +59,10 @@ class InversionData:
     start_latent: ``[B, C, H, W]``, the inverted latent in the sampler's space, kept only where a LATENT cannot
         carry it: a flow model inverted up to sigma 1, where ComfyUI's ``noise_scaling`` multiplies the starting
         latent by ``1 - sigma = 0``. ReNoiseSampler starts from it then.
+    trajectory: ``[S + 1, B, C, H, W]`` float32 on the intermediate device, the photo's latent at every sigma
+        (``trajectory[i]`` at ``sigmas[i]``, ``trajectory[0]`` the inverted latent, ``trajectory[-1]`` the photo's
+        latent), in the sampler's latent space (what ReNoiseSampler's stock sampler steps on). None for
+        inversions saved by 0.1.0 (format 1): masked sampling needs it.
     """
 
     noises: Tensor
@@ -73,6 +77,7 @@ class InversionData:
     diagnostics: tuple[StepDiagnostics, ...] = ()
     denoiser_calls: int = 0
     start_latent: Tensor | None = None
+    trajectory: Tensor | None = field(default=None, repr=False)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

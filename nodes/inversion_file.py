@@ -20,7 +20,8 @@ from ..renoise_core import StepDiagnostics
 from .inversion_data import InversionData
 
 FORMAT = "renoise-inversion"
-FORMAT_VERSION = 1
+#: 2 (0.2.0): adds the optional ``trajectory`` tensor (masked sampling); format 1 files load without it
+FORMAT_VERSION = 2
 
 
 class InversionFileError(ValueError):
@@ -32,6 +33,8 @@ def save_inversion(path: str | os.PathLike, latent: dict, inversion: InversionDa
     tensors = {"latent": latent["samples"], "noises": inversion.noises, "sigmas": inversion.sigmas}
     if inversion.start_latent is not None:
         tensors["start_latent"] = inversion.start_latent
+    if inversion.trajectory is not None:
+        tensors["trajectory"] = inversion.trajectory
     steps = []
     for i, step in enumerate(inversion.diagnostics):
         tensors[f"diagnostics.{i}.change_norms"] = step.change_norms
@@ -117,12 +120,13 @@ def load_inversion(path: str | os.PathLike) -> tuple[dict, InversionData]:
             sampler_options=description["sampler_options"], model_sampling=description["model_sampling"],
             model_family=description["model_family"], seed=description["seed"], method=description["method"],
             settings=description["settings"], diagnostics=diagnostics, denoiser_calls=description["denoiser_calls"],
-            start_latent=tensors.get("start_latent"),
+            start_latent=tensors.get("start_latent"), trajectory=tensors.get("trajectory"),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise InversionFileError(f"{name} is incomplete ({error!r} missing or malformed); save the inversion again.") from None
     steps = inversion.noises.shape[0]
-    if inversion.sigmas.shape != (steps + 1,) or tuple(latent["samples"].shape) != inversion.latent_shape:
+    trajectory_fits = inversion.trajectory is None or tuple(inversion.trajectory.shape) == (steps + 1,) + inversion.latent_shape
+    if inversion.sigmas.shape != (steps + 1,) or tuple(latent["samples"].shape) != inversion.latent_shape or not trajectory_fits:
         raise InversionFileError(f"{name} is inconsistent (latent, noises and sigmas do not fit together); save it again.")
     return latent, inversion
 

@@ -23,6 +23,7 @@ from ..renoise_core import (
     with_final_sigma,
 )
 from ..renoise_core.inversion import NOISE_CORRECTION_MODES
+from ..renoise_core.local_edit import keep_outside_mask, latent_mask
 from ..renoise_core.solvers import SOLVERS
 from . import host
 from .inversion_data import (
@@ -133,7 +134,7 @@ class ReNoiseInvert:
 
         def run(denoiser, x0, sigmas_descending, seeds, callback):
             return invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds, sampler_options=options,
-                          parameterization=parameterization, callback=callback)
+                          parameterization=parameterization, callback=callback, keep_trajectory=True)
 
         settings = {"cfg": cfg, "renoise_steps": renoise_steps, "solver": dataclasses.asdict(solver),
                     "edit_loss": dataclasses.asdict(edit_loss) if edit_loss else None,
@@ -187,7 +188,7 @@ class EditFriendlyInvert:
 
         def run(denoiser, x0, sigmas_descending, seeds, callback):
             return edit_friendly_invert(denoiser, x0, sigmas_descending, sampler_name, seed=seeds, sampler_options=options,
-                                        parameterization=parameterization, skip=skip, callback=callback)
+                                        parameterization=parameterization, skip=skip, callback=callback, keep_trajectory=True)
 
         return _run("EditFriendlyInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, len(schedule) - 1 - skip,
                     run, method="edit_friendly", model_sampling=model_sampling, sampler_name=sampler_name, options=options,
@@ -270,6 +271,7 @@ def _run(node, bridge, model, positive, negative, cfg, latent_image, schedule, s
         diagnostics=inversion.steps,
         denoiser_calls=inversion.denoiser_calls,
         start_latent=start_latent,
+        trajectory=inversion.trajectory.to(device=bridge.intermediate_device(), dtype=torch.float32),
     )
     out = {key: value for key, value in latent_image.items() if key not in ("samples", "noise_mask")}
     out["samples"] = latent_out
@@ -280,7 +282,8 @@ class ReNoiseSampler:
     DESCRIPTION = (
         "A stock ComfyUI sampler (the inversion's) that replays the inversion's per-step noises. Use it in "
         "SamplerCustom / SamplerCustomAdvanced with add_noise off, ReNoiseInvert's latent and sigmas: the source "
-        "prompt reconstructs the image, a new prompt edits it."
+        "prompt reconstructs the image, a new prompt edits it. With a mask, only the masked region changes: the rest "
+        "follows the photo's own trajectory and ends exactly on it."
     )
     CATEGORY = CATEGORY
     FUNCTION = "get_sampler"
@@ -289,11 +292,16 @@ class ReNoiseSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"inversion": (INVERSION_TYPE, {"tooltip": "The inversion output of ReNoiseInvert."})}}
+        return {
+            "required": {"inversion": (INVERSION_TYPE, {"tooltip": "The inversion output of ReNoiseInvert."})},
+            "optional": {"mask": ("MASK", {"tooltip": "Local edit: 1 = edit, 0 = keep the photo exactly (soft values blend). "
+                                                      "Paint it in Load Image's mask editor or make it with ReNoiseEditMask."})},
+        }
 
-    def get_sampler(self, inversion):
+    def get_sampler(self, inversion, mask=None):
         if not isinstance(inversion, InversionData):
             raise ValueError("ReNoiseSampler: connect the `inversion` output of ReNoiseInvert.")
+        adjust_prediction = _keep_outside(inversion, mask) if mask is not None else None
 
         def prepare_run(x, sigmas, model_family):
             """Validate a sampling run; returns the latent to start from and the noise sampler (None: none needed)."""
@@ -306,7 +314,37 @@ class ReNoiseSampler:
                 x = inversion.start_latent.to(x)
             return x, noise_replay(inversion, start, x) if any(step.is_stochastic for step in steps) else None
 
-        return (host.bridge().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run),)
+        if adjust_prediction is None:
+            return (host.bridge().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run),)
+        return (host.bridge().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run, adjust_prediction),)
+
+
+def _keep_outside(inversion: InversionData, mask):
+    """ReNoiseSampler's mask as ``adjust_prediction(x, sigmas)`` for the bridge's replaying sampler (None for an
+    all-one mask: the unmasked path, bit for bit). The blending is ``renoise_core.local_edit.keep_outside_mask``:
+    the prediction is blended, so the stock sampler's own step lands on the trajectory outside the mask."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError("ReNoiseSampler: `mask` must be a MASK (Load Image's MASK output, ReNoiseEditMask, ...).")
+    if inversion.trajectory is None:
+        raise ValueError(
+            "ReNoiseSampler: this inversion has no trajectory (saved by ReNoise 0.1.0, file format 1), which masked "
+            "sampling needs. Invert the image again (and save it again) to edit with a mask."
+        )
+    if mask.numel() > 0 and bool((mask == 1).all()):  # edit everywhere: exactly the unmasked edit
+        return None
+
+    def adjust_prediction(x, sigmas):
+        start = match_schedule(sigmas.tolist(), inversion.sigmas.tolist())
+        steps = make_steps(inversion.sampler_name, sigmas, inversion.parameterization, **inversion.sampler_options)
+        try:
+            edit = latent_mask(mask, tuple(x.shape))
+        except ValueError as error:
+            raise ValueError(f"ReNoiseSampler: {error}") from None
+        trajectory = inversion.trajectory[start : start + len(steps) + 1]
+        noises = inversion.noises[start : start + len(steps)]
+        return keep_outside_mask(steps, trajectory, edit.to(x.device), noises)
+
+    return adjust_prediction
 
 
 class NoiseCorrection:

@@ -46,11 +46,15 @@ def edit_friendly_invert(
     parameterization: str = "eps",
     skip: int = 0,
     callback: Callable[[int], None] | None = None,
+    keep_trajectory: bool = False,
 ) -> Inversion:
     """Edit-friendly inversion of ``x0`` (``[B, C, H, W]``, the latent at ``sigmas[-1]``) for a stochastic sampler.
 
     skip: the paper's T_skip: the result starts ``skip`` steps down the schedule. ``Inversion.latent`` is the
         auxiliary latent at ``sigmas[skip]``; ``Inversion.sigmas`` and ``noises`` cover the steps from there on.
+    keep_trajectory: also return ``Inversion.trajectory`` ``[S - skip + 1, B, C, H, W]``: the auxiliary latents
+        the noises were fitted to land on (``trajectory[0]`` is ``latent``, ``trajectory[-1]`` is ``x0``), i.e.
+        the sampler's forward trajectory up to rounding.
     One denoiser call per stochastic step; nothing the caller passed in is modified.
     """
     sampler_options = dict(sampler_options or {})
@@ -73,12 +77,15 @@ def edit_friendly_invert(
     calls = 0
     x = noised(x0, independent[skip], steps[skip].sigma, parameterization)
     latent = x
+    trajectory = [x]
     for i in range(skip, len(steps)):
         step = steps[i]
+        x_next = noised(x0, independent[i + 1], step.sigma_next, parameterization) if i + 1 < len(steps) else x0
+        if keep_trajectory:
+            trajectory.append(x_next)
         if not step.is_stochastic:  # nothing to fit: a plain step, reconstructed as the sampler makes it
             diagnostics.append(_diagnostics(step, 0, batch, x.device))
             continue
-        x_next = noised(x0, independent[i + 1], step.sigma_next, parameterization) if i + 1 < len(steps) else x0
         sigma_batch = torch.full((batch,), step.sigma, device=x.device, dtype=dtype)
         eps = (x - denoiser(x, sigma_batch).to(dtype)) / step.sigma
         calls += 1
@@ -97,6 +104,7 @@ def edit_friendly_invert(
         sampler_options=sampler_options,
         seeds=seeds,
         steps=tuple(diagnostics),
+        trajectory=torch.stack(trajectory) if keep_trajectory else None,
     )
 
 

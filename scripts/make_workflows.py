@@ -51,7 +51,13 @@ NODE_SPECS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
                             ("denoise", "WIDGET"), ("cfg", "WIDGET"), ("skip", "WIDGET"), ("seed", "SEED"), ("sigmas", "SIGMAS"),
                             ("eta", "WIDGET"), ("s_noise", "WIDGET")],
                            [("latent", "LATENT"), ("inversion", "RENOISE_INVERSION"), ("sigmas", "SIGMAS")]),
-    "ReNoiseSampler": ([("inversion", "RENOISE_INVERSION")], [("SAMPLER", "SAMPLER")]),
+    "ReNoiseSampler": ([("inversion", "RENOISE_INVERSION"), ("mask", "MASK")], [("SAMPLER", "SAMPLER")]),
+    "ReNoiseEditMask": ([("model", "MODEL"), ("latent_image", "LATENT"), ("source", "CONDITIONING"), ("target", "CONDITIONING"),
+                         ("seed", "SEED"), ("noise_level", "WIDGET"), ("samples", "WIDGET"), ("threshold", "WIDGET"),
+                         ("blur", "WIDGET")], [("mask", "MASK")]),
+    "MaskToImage": ([("mask", "MASK")], [("IMAGE", "IMAGE")]),
+    "ImageToMask": ([("image", "IMAGE"), ("channel", "WIDGET")], [("MASK", "MASK")]),
+    "PreviewImage": ([("images", "IMAGE")], []),
     "NoiseCorrection": ([("mode", "WIDGET"), ("steps", "WIDGET"), ("step_size", "WIDGET")], [("noise_correction", "NOISE_CORRECTION")]),
     "EditLossConfig": ([("lambda_ac", "WIDGET"), ("lambda_kl", "WIDGET"), ("reg_steps", "WIDGET"), ("ac_rolls", "WIDGET"),
                         ("patch_size", "WIDGET")], [("edit_loss", "EDIT_LOSS_CONFIG")]),
@@ -173,8 +179,9 @@ def photo_and_prompts(g: Graph, clip, vae, *, size: int, x0: int = 0):
 
 def reconstruction_and_edit(g: Graph, model, vae, invert: Node, source, target, negative, *, source_cfg: float, edit_cfg: float,
                             continue_with: str, prefix: str, sampler: str = "", scheduler: str = "", steps: int = 0,
-                            x0: int = 0) -> None:
-    """Sample the inverted latent with the source prompt and with the target prompt; save both side by side."""
+                            x0: int = 0, mask=None) -> None:
+    """Sample the inverted latent with the source prompt and with the target prompt; save both side by side.
+    ``mask`` (a MASK socket) goes to ReNoiseSampler: both branches keep the photo outside it."""
     decoded = []
     branches = (("Reconstruction (source prompt)", source, source_cfg), ("Edit (target prompt)", target, edit_cfg))
     for row, (name, prompt, cfg) in enumerate(branches):
@@ -186,7 +193,8 @@ def reconstruction_and_edit(g: Graph, model, vae, invert: Node, source, target, 
             out_name = "LATENT"
         else:
             if row == 0:
-                replay = g.add("ReNoiseSampler", (x0 + 1180, 620), inversion=(invert, "inversion"))
+                replay = g.add("ReNoiseSampler", (x0 + 1180, 620), inversion=(invert, "inversion"),
+                               **({"mask": mask} if mask is not None else {}))
             out = g.add("SamplerCustom", (x0 + 1500, 40 + 520 * row), title=name, model=model, add_noise=False, noise_seed=0,
                         cfg=cfg, positive=(prompt, "CONDITIONING"), negative=(negative, "CONDITIONING"),
                         sampler=(replay, "SAMPLER"), sigmas=(invert, "sigmas"), latent_image=(invert, "latent"))
@@ -199,9 +207,11 @@ def reconstruction_and_edit(g: Graph, model, vae, invert: Node, source, target, 
 
 def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, scheduler: str, steps: int,
                        renoise_steps: int, edit_cfg: float, edit_loss=None, noise_correction=None,
-                       continue_with: str = "samplercustom", prefix: str, x0: int = 0) -> None:
-    """The ReNoise graph: photo and prompts -> ReNoiseInvert -> reconstruction and edit."""
+                       continue_with: str = "samplercustom", prefix: str, x0: int = 0, mask_from=None) -> None:
+    """The ReNoise graph: photo and prompts -> ReNoiseInvert -> reconstruction and edit. ``mask_from(g, model, latent,
+    source, target)`` (local edits) returns the MASK socket for ReNoiseSampler."""
     latent, source, target, negative = photo_and_prompts(g, clip, vae, size=size, x0=x0)
+    mask = mask_from(g, model, latent, source, target) if mask_from is not None else None
     extra = {}
     if edit_loss is not None:
         extra["edit_loss"] = (g.add("EditLossConfig", (x0 + 340, 1000), **edit_loss), "edit_loss")
@@ -212,7 +222,8 @@ def inversion_and_edit(g: Graph, model, clip, vae, *, size: int, sampler: str, s
                    scheduler=scheduler, steps=steps, denoise=1.0, cfg=1.0, renoise_steps=renoise_steps, seed=7865,
                    **extra, **RENOISE_DEFAULTS)
     reconstruction_and_edit(g, model, vae, invert, source, target, negative, source_cfg=1.0, edit_cfg=edit_cfg,
-                            continue_with=continue_with, prefix=prefix, sampler=sampler, scheduler=scheduler, steps=steps, x0=x0)
+                            continue_with=continue_with, prefix=prefix, sampler=sampler, scheduler=scheduler, steps=steps, x0=x0,
+                            mask=mask)
 
 
 EDIT_LOSS_DEFAULTS = {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4, "ac_rolls": 5, "patch_size": 4}
@@ -233,6 +244,47 @@ def sdxl_turbo_edit() -> Graph:
     inversion_and_edit(g, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), size=512, sampler="euler_ancestral",
                        scheduler="simple", steps=4, renoise_steps=9, edit_cfg=1.0, edit_loss=EDIT_LOSS_DEFAULTS,
                        noise_correction=NOISE_CORRECTION_DEFAULTS, prefix="renoise/sdxl_turbo_edit")
+    return g
+
+
+def painted_mask(g: Graph, model, latent, source, target):
+    """The mask painted in Load Image's mask editor (LoadImage's MASK: 1 where painted), scaled and cropped exactly as
+    the photo is (MaskToImage -> the same ImageScale -> ImageToMask)."""
+    image = next(n for n in g.nodes if n.type == "LoadImage")
+    photo_scale = next(n for n in g.nodes if n.type == "ImageScale")
+    as_image = g.add("MaskToImage", (0, 1100), title="Painted mask (edit where painted)", mask=(image, "MASK"))
+    scaled = g.add("ImageScale", (0, 1220), image=(as_image, "IMAGE"),
+                   **{k: photo_scale.values[k] for k in ("upscale_method", "width", "height", "crop")})
+    mask = g.add("ImageToMask", (0, 1440), image=(scaled, "IMAGE"), channel="red")
+    return (mask, "MASK")
+
+
+def sdxl_turbo_local_edit() -> Graph:
+    """sdxl_turbo_edit with a painted mask: right-click Load Image -> Open in MaskEditor, paint what to change."""
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (-380, 300), ckpt_name=CHECKPOINTS["sdxl_turbo"])
+    inversion_and_edit(g, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), size=512, sampler="euler_ancestral",
+                       scheduler="simple", steps=4, renoise_steps=9, edit_cfg=1.0, edit_loss=EDIT_LOSS_DEFAULTS,
+                       noise_correction=NOISE_CORRECTION_DEFAULTS, prefix="renoise/sdxl_turbo_local_edit", mask_from=painted_mask)
+    return g
+
+
+def prompt_mask(g: Graph, model, latent, source, target):
+    """ReNoiseEditMask (DiffEdit) at its defaults, with a preview of the mask."""
+    mask = g.add("ReNoiseEditMask", (760, 1000), title="Edit mask from the prompts (DiffEdit)", model=model,
+                 latent_image=(latent, "LATENT"), source=(source, "CONDITIONING"), target=(target, "CONDITIONING"), seed=0,
+                 noise_level=0.5, samples=5, threshold=0.5, blur=4)
+    preview = g.add("MaskToImage", (1180, 1000), mask=(mask, "mask"))
+    g.add("PreviewImage", (1180, 1120), title="Edit mask", images=(preview, "IMAGE"))
+    return (mask, "mask")
+
+
+def sdxl_turbo_auto_mask_edit() -> Graph:
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", (-380, 300), ckpt_name=CHECKPOINTS["sdxl_turbo"])
+    inversion_and_edit(g, (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE"), size=512, sampler="euler_ancestral",
+                       scheduler="simple", steps=4, renoise_steps=9, edit_cfg=1.0, edit_loss=EDIT_LOSS_DEFAULTS,
+                       noise_correction=NOISE_CORRECTION_DEFAULTS, prefix="renoise/sdxl_turbo_auto_mask_edit", mask_from=prompt_mask)
     return g
 
 
@@ -297,12 +349,15 @@ WORKFLOWS = {
     "sdxl_ddim_reconstruct": sdxl_ddim_reconstruct,
     "sd15_edit_friendly_ddpm": sd15_edit_friendly_ddpm,
     "flux_schnell_edit": flux_schnell_edit,
+    "sdxl_turbo_local_edit": sdxl_turbo_local_edit,
+    "sdxl_turbo_auto_mask_edit": sdxl_turbo_auto_mask_edit,
 }
 
 
 LINK_COLOURS = {"MODEL": (180, 160, 255), "CLIP": (255, 210, 80), "VAE": (255, 110, 110), "CONDITIONING": (255, 170, 60),
                 "LATENT": (255, 140, 200), "IMAGE": (100, 180, 255), "SIGMAS": (140, 230, 140), "SAMPLER": (230, 230, 140),
-                "RENOISE_INVERSION": (90, 220, 220), "EDIT_LOSS_CONFIG": (200, 200, 200), "NOISE_CORRECTION": (200, 200, 200)}
+                "RENOISE_INVERSION": (90, 220, 220), "EDIT_LOSS_CONFIG": (200, 200, 200), "NOISE_CORRECTION": (200, 200, 200),
+                "MASK": (120, 200, 120)}
 
 
 def thumbnail(graph: Graph, size: tuple[int, int] = (640, 360)):
@@ -328,7 +383,8 @@ def thumbnail(graph: Graph, size: tuple[int, int] = (640, 360)):
                 end = px(node.pos[0], node.pos[1] + 20)
                 draw.line([start, end], fill=LINK_COLOURS.get(kind, (200, 200, 200)), width=2)
     for node in graph.nodes:
-        ours = node.type in ("ReNoiseInvert", "ReNoiseSampler", "NoiseCorrection", "EditLossConfig", "EditFriendlyInvert")
+        ours = node.type in ("ReNoiseInvert", "ReNoiseSampler", "NoiseCorrection", "EditLossConfig", "EditFriendlyInvert",
+                             "ReNoiseEditMask")
         box = [*px(*node.pos), *px(node.pos[0] + _width(node), node.pos[1] + _height(node))]
         draw.rounded_rectangle(box, radius=4, fill=(20, 110, 120) if ours else (60, 60, 66), outline=(140, 140, 150))
         draw.text((box[0] + 3, box[1] + 2), (node.title or node.type)[:28], fill=(235, 235, 235))

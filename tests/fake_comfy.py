@@ -89,11 +89,33 @@ def run_inversion(model, positive, negative, cfg, latent, sigmas, function, seed
     return (out / LATENT_SCALE).cpu(), start_latent  # process_latent_out, intermediate device
 
 
-class FakeSampler:
-    """SAMPLER: the stock loop of a k-diffusion sampler, asking ``noise_sampler(sigma, sigma_next)`` per step."""
+def run_prompt_pair(model, source, target, latent, function, seed):
+    """Same contract as the bridge: ``function(pair_denoiser, x0)`` with the conditional predictions under both
+    prompts, evaluated as one batch of 2B (as ComfyUI's calc_cond_batch does); returns what it returns."""
+    CALLS["run_prompt_pair"] = CALLS.get("run_prompt_pair", 0) + 1
+    x0 = latent["samples"] * LATENT_SCALE
 
-    def __init__(self, sampler_name, options, prepare_run):
+    def pair_denoiser(x, sigma):
+        batch = x.shape[0]
+        both_x, both_sigma = torch.cat([x, x]), torch.cat([sigma, sigma])
+        priors = torch.cat([_repeat(source[0][0], batch), _repeat(target[0][0], batch)]).double()
+        both = model.mixture.posterior_mean(both_x, both_sigma, priors)
+        return both[:batch], both[batch:]
+
+    return function(pair_denoiser, x0)
+
+
+def _repeat(prior, batch):
+    return prior.repeat(batch // prior.shape[0], 1) if prior.shape[0] != batch else prior
+
+
+class FakeSampler:
+    """SAMPLER: the stock loop of a k-diffusion sampler, asking ``noise_sampler(sigma, sigma_next)`` per step; with
+    ``adjust_prediction`` every prediction goes through the function it returns (as the bridge's wrapped model_k)."""
+
+    def __init__(self, sampler_name, options, prepare_run, adjust_prediction=None):
         self.sampler_name, self.options, self.prepare_run = sampler_name, options, prepare_run
+        self.adjust_prediction = adjust_prediction
 
     def sample_custom(self, model, positive, negative, cfg, latent, sigmas):
         """What SamplerCustom does with add_noise off."""
@@ -103,6 +125,12 @@ class FakeSampler:
             x = (1.0 - float(sigmas[0])) * x  # CONST.noise_scaling with zero noise
         x, noise_sampler = self.prepare_run(x, sigmas, model.family)
         denoiser = guided_denoiser(model, positive, negative, cfg)
+        adjust = self.adjust_prediction(x, sigmas) if self.adjust_prediction is not None else None
+        if adjust is not None:
+            guided = denoiser
+
+            def denoiser(x_in, sigma):
+                return adjust(x_in, guided(x_in, sigma))
         for step in make_steps(self.sampler_name, sigmas, "flow" if flow else "eps", **self.options):
             sigma = torch.full((x.shape[0],), step.sigma)
             eps = (x - denoiser(x, sigma)) / step.sigma
@@ -111,8 +139,8 @@ class FakeSampler:
         return {"samples": x / LATENT_SCALE}
 
 
-def replaying_sampler(sampler_name, options, prepare_run):
-    return FakeSampler(sampler_name, options, prepare_run)
+def replaying_sampler(sampler_name, options, prepare_run, adjust_prediction=None):
+    return FakeSampler(sampler_name, options, prepare_run, adjust_prediction)
 
 
 def intermediate_device() -> torch.device:

@@ -163,3 +163,26 @@ def test_save_refuses_a_latent_from_elsewhere(inverted):
     _, inversion, _ = inverted
     with pytest.raises(ValueError, match="connect ReNoiseInvert's `latent` and `inversion` outputs together"):
         NODES["ReNoiseSaveInversion"]().save({"samples": torch.zeros(1, 4, 8, 8)}, inversion, "x")
+
+
+def test_trajectory_round_trip_and_format_1_files(saved_path, inverted, mixture):
+    """Format 2 carries the trajectory bit for bit; a file written by 0.1.0 (format 1, no trajectory) still loads
+    and samples, and masked sampling from it stops with a message saying to re-invert."""
+    _, original, _ = inverted
+    latent, inversion = inversion_file.load_inversion(saved_path)
+    assert inversion.trajectory is not None and torch.equal(inversion.trajectory, original.trajectory)
+
+    with safe_open(str(saved_path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "trajectory"}
+        metadata = dict(f.metadata())
+    assert metadata["format_version"] == "2"
+    metadata["format_version"] = "1"
+    metadata["sha256"] = inversion_file._checksum(tensors)  # what 0.1.0 wrote: the same layout without the trajectory
+    save_file(tensors, str(saved_path), metadata=metadata)
+    latent, legacy = inversion_file.load_inversion(saved_path)
+    assert legacy.trajectory is None and torch.equal(legacy.noises, original.noises)
+    (sampler,) = NODES["ReNoiseSampler"]().get_sampler(legacy)  # unmasked sampling works as before
+    model, positive = FakeModel(mixture), conditioning(mixture, 3)
+    sampler.sample_custom(model, positive, conditioning(mixture, None), 1.0, latent, legacy.sigmas)
+    with pytest.raises(ValueError, match=r"file format 1.*Invert the image again"):
+        NODES["ReNoiseSampler"]().get_sampler(legacy, mask=torch.zeros(128, 128))

@@ -20,7 +20,8 @@ spec.loader.exec_module(make_workflows)
 
 NAMES = sorted(make_workflows.WORKFLOWS)
 CORE_NODE_TYPES = {"CheckpointLoaderSimple", "LoraLoader", "ModelSamplingDiscrete", "CLIPTextEncode", "LoadImage", "ImageScale",
-                   "VAEEncode", "VAEDecode", "ImageBatch", "SaveImage", "KSamplerAdvanced", "SamplerCustom"}
+                   "VAEEncode", "VAEDecode", "ImageBatch", "SaveImage", "KSamplerAdvanced", "SamplerCustom", "MaskToImage",
+                   "ImageToMask", "PreviewImage"}
 WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
 
 
@@ -140,6 +141,31 @@ def test_turbo_workflow_uses_the_reference_defaults():
     assert by_type["EditLossConfig"] == {"lambda_ac": 20.0, "lambda_kl": 0.065, "reg_steps": 4, "ac_rolls": 5, "patch_size": 4}
     assert by_type["NoiseCorrection"] == {"mode": "optimize", "steps": 10, "step_size": 1.8}
     assert by_type["CheckpointLoaderSimple"]["ckpt_name"] == "sd_xl_turbo_1.0_fp16.safetensors"
+
+
+def test_local_edit_workflows_drive_the_sampler_with_a_mask():
+    """sdxl_turbo_local_edit: LoadImage's painted MASK, scaled like the photo, into ReNoiseSampler's mask;
+    sdxl_turbo_auto_mask_edit: ReNoiseEditMask into it, with a preview of the mask."""
+    _, api = load("sdxl_turbo_local_edit")
+    sampler = next(e for e in api.values() if e["class_type"] == "ReNoiseSampler")
+    chain = []
+    source = sampler["inputs"]["mask"][0]
+    while True:
+        entry = api[source]
+        chain.append(entry["class_type"])
+        links = [v for v in entry["inputs"].values() if isinstance(v, list)]
+        if not links:
+            break
+        source = links[0][0]
+    assert chain == ["ImageToMask", "ImageScale", "MaskToImage", "LoadImage"]
+    scales = [e["inputs"] for e in api.values() if e["class_type"] == "ImageScale"]
+    assert len(scales) == 2 and {k: v for k, v in scales[0].items() if k != "image"} == {k: v for k, v in scales[1].items() if k != "image"}
+
+    _, api = load("sdxl_turbo_auto_mask_edit")
+    sampler = next(e for e in api.values() if e["class_type"] == "ReNoiseSampler")
+    assert api[sampler["inputs"]["mask"][0]]["class_type"] == "ReNoiseEditMask"
+    previews = [e for e in api.values() if e["class_type"] == "PreviewImage"]
+    assert len(previews) == 1 and api[previews[0]["inputs"]["images"][0]]["class_type"] == "MaskToImage"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -46,6 +46,21 @@ MIXTURE = GaussianMixture.random(components=NUM_CLASSES, shape=LATENT_SHAPE, std
 #: one whose components share a natural-image spectrum (a realistic Jacobian for the solvers)
 MIXTURES = {"isotropic": MIXTURE, "spectral": SpectralMixture.random(components=NUM_CLASSES, shape=(4, 32, 32), within=1.0, seed=0)}
 SD15_SCALE = 0.18215
+#: local edits: classes whose means agree outside BOX (latent rows, columns) and differ (along one pattern) inside
+BOX = (slice(4, 12), slice(5, 13))
+
+
+def boxed_mixture() -> GaussianMixture:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn((1,) + LATENT_SHAPE, generator=generator, dtype=torch.float64)
+    means = base.repeat(NUM_CLASSES, 1, 1, 1)
+    pattern = torch.randn((1, LATENT_SHAPE[0], 8, 8), generator=generator, dtype=torch.float64).sign()
+    levels = torch.linspace(-0.5, 0.5, NUM_CLASSES, dtype=torch.float64).view(-1, 1, 1, 1)  # classes 3 and 9: 0.4 apart
+    means[:, :, BOX[0], BOX[1]] += levels * pattern
+    return GaussianMixture(means, torch.ones(NUM_CLASSES, dtype=torch.float64))
+
+
+MIXTURES["boxed"] = boxed_mixture()
 CAPTURED: dict[str, torch.Tensor] = {}
 NETWORK_CALLS = {"count": 0}  # forward calls of the analytic networks (one per denoiser call at cfg 1)
 
@@ -178,8 +193,42 @@ class CaptureLatent:
         return {}
 
 
+class BoxMask:
+    """The MASK of BOX at image resolution (8 px per latent pixel); ``size`` other than 128 gives a wrong-size mask."""
+
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("FLOAT", {"default": 1.0}), "size": ("INT", {"default": 128})}}
+
+    def make(self, value, size):
+        mask = torch.zeros((1, 128, 128))
+        mask[:, BOX[0].start * 8 : BOX[0].stop * 8, BOX[1].start * 8 : BOX[1].stop * 8] = value
+        if value == 1.0 and size == 0:  # all ones
+            mask.fill_(1.0)
+        return (mask if size in (0, 128) else torch.zeros((1, size, 128)),)
+
+
+class CaptureMask:
+    RETURN_TYPES = ()
+    FUNCTION = "capture"
+    OUTPUT_NODE = True
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mask": ("MASK",), "name": ("STRING", {"default": "mask"})}}
+
+    def capture(self, mask, name):
+        CAPTURED[name] = mask.clone()
+        return {}
+
+
 TEST_NODES = {"AnalyticModel": AnalyticModel, "ClassConditioning": ClassConditioning,
-              "AnalyticLatent": AnalyticLatent, "CaptureLatent": CaptureLatent}
+              "AnalyticLatent": AnalyticLatent, "CaptureLatent": CaptureLatent, "BoxMask": BoxMask, "CaptureMask": CaptureMask}
 
 
 # --- running prompts ------------------------------------------------------------------------------------------
@@ -824,8 +873,97 @@ def scenario_learned(workdir: Path) -> dict:
     return results
 
 
-SCENARIOS = {"solvers": scenario_solvers, "learned": scenario_learned, "flow": scenario_flow, "analytic": scenario_analytic,
-             "checkpoint": scenario_checkpoint, "workflows": scenario_workflows, "files": scenario_files}
+# --- local edits ----------------------------------------------------------------------------------------------
+
+def local_edit_graph(sampler: str, *, mask: tuple[float, int] | None = (1.0, 128), edit_friendly_skip: int | None = None,
+                     noise_correction: str | None = "optimize", classes: str = "3,3") -> dict:
+    """Invert class 3 on the boxed mixture, sample class 9 through ReNoiseSampler with BoxMask ``(value, size)``."""
+    prompt = analytic_graph(sampler, 9, classes=classes, edit_class=9, noise_correction=noise_correction, skip=edit_friendly_skip)
+    prompt["1"]["inputs"]["mixture"] = "boxed"
+    prompt["4"]["inputs"]["mixture"] = "boxed"
+    if mask is not None:
+        prompt["15"] = {"class_type": "BoxMask", "inputs": {"value": mask[0], "size": mask[1]}}
+        prompt["7"]["inputs"]["mask"] = ["15", 0]
+    return prompt
+
+
+def box_region(batch: int) -> torch.Tensor:
+    region = torch.zeros((batch,) + LATENT_SHAPE, dtype=torch.bool)
+    region[:, :, BOX[0], BOX[1]] = True
+    return region
+
+
+def scenario_local_edit(workdir: Path) -> dict:
+    """Masked sampling and ReNoiseEditMask on the boxed analytic model through real ComfyUI."""
+    results = {}
+    cases = {
+        "ea_optimize": dict(sampler="euler_ancestral"),
+        "euler": dict(sampler="euler", noise_correction=None),
+        "ddpm_optimize": dict(sampler="ddpm"),
+        "edit_friendly_ddpm_skip1": dict(sampler="ddpm", edit_friendly_skip=1, noise_correction=None),
+    }
+    region = box_region(2)
+    for name, kwargs in cases.items():
+        CAPTURED.clear()
+        result = run_prompt(local_edit_graph(**kwargs))
+        if result.get("success"):
+            out, x0 = CAPTURED["reconstruction"].double(), CAPTURED["x0"].double()
+            outside = psnr(out[~region].view(2, -1), x0[~region].view(2, -1))
+            result["outside_psnr"] = outside.min().item()
+            result["inside_change"] = (out - x0)[region].abs().mean().item()
+        results[name] = result
+    # a flow model (Flux architecture) inverted from sigma 1: the sampler starts from the inversion's start latent
+    CAPTURED.clear()
+    prompt = flow_graph("flux", "euler_ancestral", 9, noise_correction="optimize")
+    prompt["13"] = {"class_type": "FlowConditioning", "inputs": {"class_index": 9}}
+    prompt["8"]["inputs"]["positive"] = ["13", 0]
+    prompt["15"] = {"class_type": "BoxMask", "inputs": {"value": 1.0, "size": 128}}
+    prompt["7"]["inputs"]["mask"] = ["15", 0]
+    result = run_prompt(prompt)
+    if result.get("success"):
+        out, x0 = CAPTURED["reconstruction"].double(), CAPTURED["x0"].double()
+        flow_region = torch.zeros(out.shape, dtype=torch.bool)
+        flow_region[:, :, BOX[0], BOX[1]] = True
+        result["outside_psnr"] = psnr(out[~flow_region].view(2, -1), x0[~flow_region].view(2, -1)).min().item()
+        result["inside_change"] = (out - x0)[flow_region].abs().mean().item()
+    results["flux_ea_optimize"] = result
+
+    # an all-one mask is the unmasked edit, bit for bit
+    CAPTURED.clear()
+    result = run_prompt(local_edit_graph("euler_ancestral", mask=None))
+    unmasked = CAPTURED.get("reconstruction")
+    result.update(run_prompt(local_edit_graph("euler_ancestral", mask=(1.0, 0))))
+    if result.get("success") and unmasked is not None:
+        result["identical"] = bool(torch.equal(unmasked, CAPTURED["reconstruction"]))
+    results["all_one"] = result
+    results["wrong_size"] = run_prompt(local_edit_graph("euler_ancestral", mask=(1.0, 64)))
+
+    # ReNoiseEditMask at its defaults finds the box
+    CAPTURED.clear()
+    prompt = {
+        "1": {"class_type": "AnalyticModel", "inputs": {"prediction": "eps", "mixture": "boxed"}},
+        "2": {"class_type": "ClassConditioning", "inputs": {"class_index": 3, "context_dim": 768}},
+        "3": {"class_type": "ClassConditioning", "inputs": {"class_index": 9, "context_dim": 768}},
+        "4": {"class_type": "AnalyticLatent", "inputs": {"classes": "3,3", "seed": 1, "mixture": "boxed"}},
+        "5": {"class_type": "ReNoiseEditMask", "inputs": {"model": ["1", 0], "latent_image": ["4", 0], "source": ["2", 0],
+                                                          "target": ["3", 0], "seed": 0, "noise_level": 0.5, "samples": 5,
+                                                          "threshold": 0.5, "blur": 4}},
+        "6": {"class_type": "CaptureMask", "inputs": {"mask": ["5", 0], "name": "mask"}},
+    }
+    result = run_prompt(prompt)
+    if result.get("success"):
+        mask = CAPTURED["mask"]
+        truth = torch.zeros(mask.shape, dtype=torch.bool)
+        truth[:, BOX[0].start * 8 : BOX[0].stop * 8, BOX[1].start * 8 : BOX[1].stop * 8] = True
+        found = mask > 0.5
+        result["shape"] = list(mask.shape)
+        result["iou"] = ((found & truth).flatten(1).sum(1) / (found | truth).flatten(1).sum(1)).tolist()
+    results["edit_mask"] = result
+    return results
+
+
+SCENARIOS = {"solvers": scenario_solvers, "learned": scenario_learned, "local_edit": scenario_local_edit, "flow": scenario_flow,
+             "analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows, "files": scenario_files}
 
 
 def main() -> None:
