@@ -65,12 +65,12 @@ def example_photo(size: int = 512):
     return image
 
 
-def prepare_base_directory(base: Path) -> None:
-    """custom_nodes/<pack> -> this checkout; placeholder models named as the workflows name them; an input image;
-    settings that skip the first-run template dialog."""
+def prepare_base_directory(base: Path, with_pack: bool = True) -> None:
+    """custom_nodes/<pack> -> this checkout (unless ``with_pack`` is false: the baseline); placeholder models named
+    as the workflows name them; an input image; settings that skip the first-run template dialog."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_NAME
-    if not link.exists():
+    if with_pack and not link.exists():
         link.symlink_to(PACK_DIR, target_is_directory=True)
     for path in WORKFLOWS_DIR.glob("*.json"):
         for node in json.loads(path.read_text())["nodes"]:
@@ -87,11 +87,11 @@ def prepare_base_directory(base: Path) -> None:
 
 
 @contextlib.contextmanager
-def comfy_server(comfyui_path: Path, python: str | None = None, log_path: Path | None = None):
+def comfy_server(comfyui_path: Path, python: str | None = None, log_path: Path | None = None, with_pack: bool = True):
     """Starts ``main.py --cpu`` on a free port of 127.0.0.1 from a temporary base directory; yields its URL.
     The temporary directory (and the link to the pack in it) is removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="renoise_browser_"))
-    prepare_base_directory(base)
+    prepare_base_directory(base, with_pack)
     port = free_port()
     python = python or sys.executable
     log = open(log_path or base / "server.log", "w")  # noqa: SIM115
@@ -122,7 +122,8 @@ def comfy_server(comfyui_path: Path, python: str | None = None, log_path: Path |
             process.kill()
             process.wait()
         log.close()
-        (base / "custom_nodes" / PACK_NAME).unlink()
+        if with_pack:
+            (base / "custom_nodes" / PACK_NAME).unlink()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -165,9 +166,15 @@ LOAD_AND_MEASURE = """async ([workflow, name]) => {
     const x1 = (n.pos[0] + n.size[0] + ds.offset[0]) * ds.scale + canvasRect.left;
     const y1 = (n.pos[1] + n.size[1] + ds.offset[1]) * ds.scale + canvasRect.top;
     const s = saved.nodes.find(m => m.id === n.id);
+    // points of the node (corners of title and body, centre) where something else than the canvas is on top
+    const points = [[x0 + 3, y0 + 3], [x1 - 3, y0 + 3], [x0 + 3, y1 - 3], [x1 - 3, y1 - 3], [(x0 + x1) / 2, (y0 + y1) / 2]];
+    const onTop = (x, y) => document.elementFromPoint(x, y);
+    const graphOnTop = (e) => e === app.canvas.canvas || (e && e.closest(".dom-widget"));
+    const covered = points.filter(([x, y]) => !graphOnTop(onTop(x, y)))
+      .map(([x, y]) => { const e = document.elementFromPoint(x, y); return [x, y, e ? e.tagName + "." + e.className : null]; });
     return {id: n.id, type: n.type, title: n.title, has_errors: !!n.has_errors, pos: [n.pos[0], n.pos[1]],
             size: [n.size[0], n.size[1]], min_size: Array.from(n.computeSize()), screen: [x0, y0, x1, y1],
-            widgets_values: s ? s.widgets_values ?? null : null};
+            widgets_values: s ? s.widgets_values ?? null : null, covered};
   });
   return {unknown, scale: ds.scale, offset: [ds.offset[0], ds.offset[1]],
           canvas: [canvasRect.left, canvasRect.top, canvasRect.right, canvasRect.bottom],
@@ -183,18 +190,30 @@ def load_workflow(page, name: str) -> dict:
     return page.evaluate(LOAD_AND_MEASURE, [workflow, name])
 
 
+def normalized(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Console messages without the server's port (which differs between runs)."""
+    import re
+
+    return [(kind, re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1", text)) for kind, text in messages]
+
+
 def check(out_path: Path) -> None:
-    """Loads every workflow and writes, per workflow, the measurements and the console messages it caused."""
+    """Loads every workflow and writes, per workflow, the measurements and the console messages it caused; and
+    the console messages at start-up with the pack and without it (the baseline: what ComfyUI logs anyway)."""
     comfyui_path = Path(os.environ["COMFYUI_PATH"]).resolve()
     results = {"workflows": {}}
+    with comfy_server(comfyui_path, with_pack=False) as url, frontend(url) as (page, console):
+        page.wait_for_timeout(1000)
+        results["baseline_console"] = normalized(console)
     with comfy_server(comfyui_path) as url, frontend(url) as (page, console):
-        results["startup_console"] = list(console)
+        page.wait_for_timeout(1000)
+        results["startup_console"] = normalized(console)
         results["node_types"] = page.evaluate("() => Object.keys(window.LiteGraph.registered_node_types)")
         for name in workflow_names():
             console.clear()
             measured = load_workflow(page, name)
             page.wait_for_timeout(500)
-            measured["console"] = list(console)
+            measured["console"] = normalized(console)
             results["workflows"][name] = measured
         with urllib.request.urlopen(url + "/api/workflow_templates", timeout=10) as response:
             results["templates"] = json.loads(response.read())

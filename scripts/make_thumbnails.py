@@ -6,7 +6,7 @@ ComfyUI frontend in headless Chromium:
 (ComfyUI's Python with ``pip install playwright``; the system Chromium, see scripts/comfy_browser.py.)
 
 A thumbnail shows what tells the workflows apart, as the frontend draws it: the model loaders (checkpoint, LoRA,
-model sampling) beside the inversion node with its sampler settings, under a one-line description
+model sampling) above the top of the inversion node (its sampler settings), under a one-line description
 (make_workflows.DESCRIPTIONS; the template browser itself shows only the file name). ``docs/workflow_NAME.png`` is
 the whole window at the workflow's saved view; ``docs/template_browser.png`` the template browser.
 """
@@ -24,8 +24,9 @@ import comfy_browser  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-THUMBNAIL_SIZE = (640, 480)
-CAPTION_HEIGHT = 64
+THUMBNAIL_SIZE = (512, 512)  # the template browser shows a 256 x 256 square
+CAPTION_HEIGHT = 120
+INVERSION_WIDGET_ROWS = 6  # of the inversion node: sampler, scheduler, steps, denoise, cfg, renoise steps / skip
 BACKGROUND = (32, 32, 36)
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
 
@@ -52,22 +53,25 @@ SHOW_NODE = """([id, margin]) => {
 }"""
 
 
-def node_picture(page, node_id: int):
-    """The node as the frontend draws it at 100 % zoom (a PIL image)."""
+def node_picture(page, node_id: int, max_height: float | None = None):
+    """The node as the frontend draws it at 100 % zoom (a PIL image), its top ``max_height`` px if given."""
     import io
 
     from PIL import Image
 
     x, y, width, height = page.evaluate(SHOW_NODE, [node_id, 40])
     page.wait_for_timeout(150)
+    height = min(height, max_height or height)
     png = page.screenshot(clip={"x": x, "y": y, "width": width, "height": height})
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
-def distinguishing_nodes(workflow: dict) -> tuple[list[int], list[int]]:
-    """(model loaders, inversion nodes): the nodes whose settings differ between the workflows."""
+def distinguishing_nodes(workflow: dict) -> tuple[list[int], list[tuple[int, int]]]:
+    """(model loaders, (inversion node, height of its title + sockets + first widgets)): the nodes whose settings
+    differ between the workflows."""
     loaders = [n["id"] for n in workflow["nodes"] if "Loader" in n["type"] or n["type"].startswith("ModelSampling")]
-    inversions = [n["id"] for n in workflow["nodes"] if any(o["type"] == "RENOISE_INVERSION" for o in n["outputs"])]
+    inversions = [(n["id"], 30 + 20 * max(len(n["inputs"]), len(n["outputs"])) + 24 * INVERSION_WIDGET_ROWS + 6)
+                  for n in workflow["nodes"] if any(o["type"] == "RENOISE_INVERSION" for o in n["outputs"])]
     return loaders, inversions
 
 
@@ -77,25 +81,26 @@ def font(size: int):
     return ImageFont.truetype(FONT, size) if Path(FONT).exists() else ImageFont.load_default(size)
 
 
-def compose_thumbnail(caption: str, left: list, right: list):
-    """Caption on top; the loaders stacked on the left, the inversion node(s) on the right, scaled to fit."""
+def wrap(text: str, width: float, size: int, draw) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}".strip()
+        if draw.textlength(candidate, font=font(size)) <= width or not lines[-1]:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
+def compose_thumbnail(caption: str, pictures: list):
+    """Caption on top (two lines at most); the node pictures below, stacked, scaled to fit."""
     from PIL import Image, ImageDraw
 
-    def stack(pictures):
-        width = max(p.width for p in pictures)
-        out = Image.new("RGB", (width, sum(p.height for p in pictures) + 12 * (len(pictures) - 1)), BACKGROUND)
-        y = 0
-        for p in pictures:
-            out.paste(p, (0, y))
-            y += p.height + 12
-        return out
-
-    columns = [stack(group) for group in (left, right) if group]
-    body = Image.new("RGB", (sum(c.width for c in columns) + 24 * (len(columns) - 1), max(c.height for c in columns)), BACKGROUND)
-    x = 0
-    for column in columns:
-        body.paste(column, (x, 0))
-        x += column.width + 24
+    body = Image.new("RGB", (max(p.width for p in pictures), sum(p.height for p in pictures) + 12 * (len(pictures) - 1)), BACKGROUND)
+    y = 0
+    for p in pictures:
+        body.paste(p, (0, y))
+        y += p.height + 12
     area = (THUMBNAIL_SIZE[0] - 24, THUMBNAIL_SIZE[1] - CAPTION_HEIGHT - 16)
     scale = min(area[0] / body.width, area[1] / body.height)
     body = body.resize((round(body.width * scale), round(body.height * scale)), Image.LANCZOS)
@@ -103,10 +108,13 @@ def compose_thumbnail(caption: str, left: list, right: list):
     image.paste(body, ((THUMBNAIL_SIZE[0] - body.width) // 2, CAPTION_HEIGHT + 4))
     draw = ImageDraw.Draw(image)
     draw.rectangle([0, 0, THUMBNAIL_SIZE[0], CAPTION_HEIGHT - 8], fill=(20, 110, 120))
-    size = 26
-    while draw.textlength(caption, font=font(size)) > THUMBNAIL_SIZE[0] - 24 and size > 12:
+    size = 40
+    while len(wrap(caption, THUMBNAIL_SIZE[0] - 32, size, draw)) > 2 and size > 16:
         size -= 1
-    draw.text((12, (CAPTION_HEIGHT - 8 - size) // 2 - 2), caption, fill=(245, 245, 245), font=font(size))
+    lines = wrap(caption, THUMBNAIL_SIZE[0] - 32, size, draw)
+    top = (CAPTION_HEIGHT - 8 - len(lines) * size * 1.2) / 2
+    for row, line in enumerate(lines):
+        draw.text((16, top + row * size * 1.2), line, fill=(245, 245, 245), font=font(size))
     return image
 
 
@@ -123,8 +131,8 @@ def main() -> None:
             page.screenshot(path=str(DOCS / f"workflow_{name}.png"))
             print(f"wrote docs/workflow_{name}.png")
             loaders, inversions = distinguishing_nodes(workflow)
-            pictures = ([node_picture(page, i) for i in loaders], [node_picture(page, i) for i in inversions])
-            compose_thumbnail(generator.DESCRIPTIONS[name], *pictures).save(comfy_browser.WORKFLOWS_DIR / f"{name}.jpg", quality=88)
+            pictures = [node_picture(page, i) for i in loaders] + [node_picture(page, i, height) for i, height in inversions]
+            compose_thumbnail(generator.DESCRIPTIONS[name], pictures).save(comfy_browser.WORKFLOWS_DIR / f"{name}.jpg", quality=88)
             print(f"wrote workflows/{name}.jpg")
         page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
         page.wait_for_timeout(1500)

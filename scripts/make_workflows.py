@@ -172,8 +172,10 @@ CORE_DISPLAY_NAMES = {"CheckpointLoaderSimple": "Load Checkpoint", "LoraLoader":
                       "CLIPTextEncode": "CLIP Text Encode (Prompt)"}
 
 # The saved view: a 1920 x 1080 window, of which the frontend's canvas is the part right of the 64 px side bar and
-# under the 78 px top bars; the graph must fit it at MIN_SCALE or more.
+# under the 78 px top bars; the minimap and the zoom controls cover its bottom-right corner (OVERLAY_CORNER, screen
+# px). The graph must fit the rest at MIN_SCALE or more.
 CANVAS_SCREEN = (1920 - 64, 1080 - 78)
+OVERLAY_CORNER = (340, 285)
 SCREEN_MARGIN = 24
 MIN_SCALE, MAX_SCALE = 0.8, 1.0
 COLUMN_GAP, NODE_GAP, ROW_GAP = 40, 14, 40
@@ -266,26 +268,39 @@ def _band(cols: list[list[Node]], sizes: dict[int, tuple[int, int]], x0: int, y0
     return positions, x - COLUMN_GAP - x0, height
 
 
+def _fits(rects: list[tuple[int, int, int, int]], scale: float) -> bool:
+    """Whether boxes (canvas units, title bars included) are on screen and clear of the overlays, at ``scale`` with
+    the view offset SCREEN_MARGIN / scale."""
+    corner_x, corner_y = CANVAS_SCREEN[0] - OVERLAY_CORNER[0], CANVAS_SCREEN[1] - OVERLAY_CORNER[1]
+    for x0, y0, x1, y1 in rects:
+        sx0, sy0, sx1, sy1 = (SCREEN_MARGIN + scale * v for v in (x0, y0, x1, y1))
+        if sx1 > CANVAS_SCREEN[0] - SCREEN_MARGIN or sy1 > CANVAS_SCREEN[1] - SCREEN_MARGIN:
+            return False
+        if sx1 > corner_x and sy1 > corner_y:
+            return False
+    return True
+
+
 def layout(graph: Graph) -> tuple[dict[int, tuple[tuple[int, int], tuple[int, int]]], dict]:
     """Positions and sizes of every node, and the saved view (``extra.ds``): the columns of ``columns`` in one
     band, or wrapped into two bands (rows) at the split that allows the largest zoom; the view shows the whole
-    graph in the canvas of a 1920 x 1080 window at the largest zoom up to 100 %. Raises if that is under 80 %."""
+    graph, clear of the frontend's overlays, in a 1920 x 1080 window at the largest zoom (5 % steps) up to 100 %.
+    Raises if that is under 80 %."""
     sizes = {n.id: node_size(n) for n in graph.nodes}
     cols = columns(graph)
-    best = None
+    best = (0.0, {})
     for split in range(1, len(cols) + 1):
-        top, width_top, height_top = _band(cols[:split], sizes, 0, 0)
-        bottom, width_bottom, height_bottom = _band(cols[split:], sizes, 0, height_top + ROW_GAP) if split < len(cols) else ({}, 0, 0)
-        width, height = max(width_top, width_bottom), height_top + (ROW_GAP + height_bottom if bottom else 0)
-        scale = min((CANVAS_SCREEN[0] - 2 * SCREEN_MARGIN) / width, (CANVAS_SCREEN[1] - 2 * SCREEN_MARGIN) / height, MAX_SCALE)
-        if best is None or scale > best[0] + 1e-9:
-            best = (scale, {**top, **bottom})
+        top, _, height_top = _band(cols[:split], sizes, 0, 0)
+        bottom = _band(cols[split:], sizes, 0, height_top + ROW_GAP)[0] if split < len(cols) else {}
+        positions = {**top, **bottom}
+        rects = [(x, y - TITLE_HEIGHT, x + sizes[i][0], y + sizes[i][1]) for i, (x, y) in positions.items()]
+        scale = next((s / 20 for s in range(round(MAX_SCALE * 20), round(MIN_SCALE * 20) - 1, -1) if _fits(rects, s / 20)), 0.0)
+        if scale > best[0]:
+            best = (scale, positions)
     scale, positions = best
-    scale = int(scale * 20) / 20  # a round zoom, 5 % steps
     if scale < MIN_SCALE:
-        raise ValueError(f"the graph does not fit a 1920 x 1080 window at {MIN_SCALE:.0%} zoom ({scale:.0%}): split it or "
-                         "shrink its nodes")
-    view = {"scale": scale, "offset": [SCREEN_MARGIN / scale, SCREEN_MARGIN / scale]}
+        raise ValueError(f"the graph does not fit a 1920 x 1080 window at {MIN_SCALE:.0%} zoom: split it or shrink its nodes")
+    view = {"scale": scale, "offset": [round(SCREEN_MARGIN / scale, 2), round(SCREEN_MARGIN / scale, 2)]}
     return {n.id: (positions[n.id], sizes[n.id]) for n in graph.nodes}, view
 
 
