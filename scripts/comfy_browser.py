@@ -87,17 +87,18 @@ def prepare_base_directory(base: Path, with_pack: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def comfy_server(comfyui_path: Path, python: str | None = None, log_path: Path | None = None, with_pack: bool = True):
-    """Starts ``main.py --cpu`` on a free port of 127.0.0.1 from a temporary base directory; yields its URL.
-    The temporary directory (and the link to the pack in it) is removed afterwards."""
-    base = Path(tempfile.mkdtemp(prefix="renoise_browser_"))
+def comfy_server(comfyui_path: Path, python: str | None = None, log_path: Path | None = None, with_pack: bool = True,
+                 base_directory: Path | None = None, extra_args: tuple[str, ...] = ()):
+    """Starts ``main.py --cpu`` on a free port of 127.0.0.1 from a base directory (``base_directory``, or a
+    temporary one, removed afterwards); yields its URL. The link to the pack is removed afterwards."""
+    base = base_directory or Path(tempfile.mkdtemp(prefix="renoise_browser_"))
     prepare_base_directory(base, with_pack)
     port = free_port()
     python = python or sys.executable
     log = open(log_path or base / "server.log", "w")  # noqa: SIM115
     process = subprocess.Popen(
         [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-         "--disable-auto-launch"],
+         "--disable-auto-launch", *extra_args],
         cwd=comfyui_path, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -124,7 +125,8 @@ def comfy_server(comfyui_path: Path, python: str | None = None, log_path: Path |
         log.close()
         if with_pack:
             (base / "custom_nodes" / PACK_NAME).unlink()
-        shutil.rmtree(base, ignore_errors=True)
+        if base_directory is None:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -159,10 +159,11 @@ def _output_index(node: Node, output: str) -> int:
 TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, NODE_WIDTH = 30, 20, 20, 140
 CHAR_WIDTH = 7.0
 WIDGET_PADDING = 86  # BaseWidget.minValueWidth + 2 * (margin + arrowMargin + arrowWidth)
-#: (body height, minimum width) of widgets drawn larger than one row: the multiline prompt box (its 50 px minimum
-#: + 40 px, three lines of text), Load Image's combo + upload button + image preview (220 x 128 at least)
-LARGE_WIDGETS = {("CLIPTextEncode", "text"): (50 + 40, 0),
-                 ("LoadImage", "image"): (WIDGET_HEIGHT + 4 + WIDGET_HEIGHT + 4 + 220, 128 + WIDGET_PADDING)}
+#: (body height, minimum width) of widgets drawn larger than one row: multiline text boxes (their 50 px minimum
+#: + 40 px, three lines of text; add every multiline widget here), and by kind, an image upload's combo + upload
+#: button + image preview (220 x 128 at least)
+LARGE_WIDGETS = {("CLIPTextEncode", "text"): (50 + 40, 0)}
+IMAGE_UPLOAD_SIZE = (WIDGET_HEIGHT + 4 + WIDGET_HEIGHT + 4 + 220, 128 + WIDGET_PADDING)
 #: value shown in full (label + value); others may be elided by the frontend
 VALUE_WIDGETS = {"ckpt_name", "lora_name", "sampler_name", "scheduler", "image"}
 #: the frontend's titles of core nodes (the pack's come from nodes/__init__.py)
@@ -188,7 +189,10 @@ def _pack_display_names() -> dict[str, str]:
     tree = ast.parse((Path(__file__).resolve().parents[1] / "nodes" / "__init__.py").read_text())
     for statement in tree.body:
         if isinstance(statement, ast.Assign) and getattr(statement.targets[0], "id", "") == "NODE_DISPLAY_NAME_MAPPINGS":
-            return ast.literal_eval(statement.value)
+            try:
+                return ast.literal_eval(statement.value)
+            except ValueError:  # not a plain dict: titles fall back to type names (the browser test checks the sizes)
+                return {}
     return {}
 
 
@@ -199,6 +203,13 @@ def _text_width(text: str) -> float:
     return CHAR_WIDTH * len(text)
 
 
+def _widget_size(node: Node, name: str, kind: str) -> tuple[int, int]:
+    """(height, minimum width) of one widget."""
+    if kind == "IMAGE_UPLOAD":
+        return IMAGE_UPLOAD_SIZE
+    return LARGE_WIDGETS.get((node.type, name), (WIDGET_HEIGHT, 0))
+
+
 def node_size(node: Node) -> tuple[int, int]:
     """(width, height) of the node's body, as the frontend computes its minimum, rounded up to 10 px."""
     inputs, outputs = NODE_SPECS[node.type]
@@ -207,12 +218,12 @@ def node_size(node: Node) -> tuple[int, int]:
     rows = max(len(sockets), len(outputs), 1)
     widgets_height = 0
     for name, kind in widgets:
-        widgets_height += LARGE_WIDGETS.get((node.type, name), (WIDGET_HEIGHT, 0))[0] + 4
+        widgets_height += _widget_size(node, name, kind)[0] + 4
         if kind == "SEED":  # control_after_generate
             widgets_height += WIDGET_HEIGHT + 4
     height = rows * SLOT_HEIGHT + (widgets_height + 8 if widgets else 0) + 6
     title = node.title or DISPLAY_NAMES.get(node.type, node.type)
-    label_widths = [max(_text_width(name) + WIDGET_PADDING, LARGE_WIDGETS.get((node.type, name), (0, 0))[1]) for name, _ in widgets]
+    label_widths = [max(_text_width(name) + WIDGET_PADDING, _widget_size(node, name, kind)[1]) for name, kind in widgets]
     label_widths += [_text_width(f"{name} {node.values.get(name, '')}") + WIDGET_PADDING for name, _ in widgets if name in VALUE_WIDGETS]
     socket_width = max((_text_width(n) for n in sockets), default=0) + max((_text_width(n) for n, _ in outputs), default=0)
     width = max(TITLE_HEIGHT * 1.33 + _text_width(title), max(label_widths, default=0), socket_width + 2 * SLOT_HEIGHT + 5,
@@ -241,14 +252,11 @@ def columns(graph: Graph) -> list[list[Node]]:
     result: list[list[Node]] = [[] for _ in range(max(depth.values()) + 1)]
     row: dict[int, float] = {}
     for column in range(len(result)):
-        members = [n for n in graph.nodes if depth[n.id] == column]
-        placed = [s for n in members for s in _sources(n) if s.id in row]
-
         def key(n: Node) -> tuple[float, int]:
-            rows = [row[s.id] for s in _sources(n) if s.id in row]
+            rows = [row[s.id] for s in _sources(n)]  # sources are in earlier columns
             return (sum(rows) / len(rows) if rows else -1.0, n.id)
 
-        members.sort(key=key if placed else (lambda n: (0.0, n.id)))
+        members = sorted((n for n in graph.nodes if depth[n.id] == column), key=key)
         for index, n in enumerate(members):
             row[n.id] = index / max(len(members) - 1, 1)
         result[column] = members
