@@ -7,8 +7,9 @@ ComfyUI frontend in headless Chromium:
 
 A thumbnail shows what tells the workflows apart, as the frontend draws it: the model loaders (checkpoint, LoRA,
 model sampling) above the top of the inversion node (its sampler settings), under a one-line description
-(make_workflows.DESCRIPTIONS; the template browser itself shows only the file name). ``docs/workflow_NAME.png`` is
-the whole window at the workflow's saved view; ``docs/template_browser.png`` the template browser.
+(make_workflows.DESCRIPTIONS; the template browser itself shows only the file name). ``docs/workflow_NAME.jpg`` is
+the whole window at the saved view of the first workflow (the quick start); ``docs/template_browser.jpg`` the
+template browser.
 """
 
 from __future__ import annotations
@@ -128,8 +129,9 @@ def main() -> None:
             workflow = json.loads((comfy_browser.WORKFLOWS_DIR / f"{name}.json").read_text())
             comfy_browser.load_workflow(page, name)
             page.wait_for_timeout(800)
-            page.screenshot(path=str(DOCS / f"workflow_{name}.png"))
-            print(f"wrote docs/workflow_{name}.png")
+            if name == names[0]:  # the quick start, shown in the README
+                page.screenshot(path=str(DOCS / f"workflow_{name}.jpg"), type="jpeg", quality=85)
+                print(f"wrote docs/workflow_{name}.jpg")
             loaders, inversions = distinguishing_nodes(workflow)
             pictures = [node_picture(page, i) for i in loaders] + [node_picture(page, i, height) for i, height in inversions]
             compose_thumbnail(generator.DESCRIPTIONS[name], pictures).save(comfy_browser.WORKFLOWS_DIR / f"{name}.jpg", quality=88)
@@ -138,8 +140,8 @@ def main() -> None:
         page.wait_for_timeout(1500)
         page.get_by_text(comfy_browser.PACK_NAME).first.click()
         page.wait_for_timeout(2000)
-        page.screenshot(path=str(DOCS / "template_browser.png"))
-        print("wrote docs/template_browser.png")
+        page.screenshot(path=str(DOCS / "template_browser.jpg"), type="jpeg", quality=85)
+        print("wrote docs/template_browser.jpg")
 
 
 if __name__ == "__main__":

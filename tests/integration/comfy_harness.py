@@ -754,11 +754,11 @@ def process_state() -> dict:
     return {"tensors": tensors, "rss_mb": rss / 2**20, "loaded_models": len(comfy.model_management.current_loaded_models)}
 
 
-def digests() -> dict[str, str]:
-    """SHA-256 of every captured latent's bytes (bit-identity across processes)."""
+def digests(names=("inverted", "reconstruction")) -> dict[str, str]:
+    """SHA-256 of the bytes of captured outputs (bit-identity across processes)."""
     import hashlib
 
-    return {name: hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest() for name, t in sorted(CAPTURED.items())}
+    return {name: hashlib.sha256(CAPTURED[name].contiguous().cpu().numpy().tobytes()).hexdigest() for name in names if name in CAPTURED}
 
 
 class QuietServer(FakeServer):
