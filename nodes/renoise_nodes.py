@@ -172,7 +172,8 @@ class EditFriendlyInvert:
                                      "tooltip": "Guidance while extracting the noises (the paper: 3.5 for SD; sample the reconstruction with the same)."})
         required["skip"] = ("INT", {"default": 0, "min": 0, "max": MAX_STEPS,
                                     "tooltip": "Start the edit this many steps later (the paper's T_skip; 36 of 100): more structure kept."})
-        required["seed"] = invert_inputs["required"]["seed"]
+        required["seed"] = ("INT", {**invert_inputs["required"]["seed"][1],
+                                    "tooltip": "Seed of the independent noises of the photo's noisy copies, one per step; item b of a batch uses seed + b (its batch_index)."})
         optional = {name: invert_inputs["optional"][name] for name in ("sigmas", "eta", "s_noise")}
         return {"required": required, "optional": optional}
 

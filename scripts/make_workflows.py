@@ -73,7 +73,6 @@ RENOISE_DEFAULTS = {"eta": 1.0, "s_noise": 1.0}
 class Node:
     id: int
     type: str
-    pos: tuple[int, int]
     values: dict = field(default_factory=dict)  # widget name -> value, socket name -> (Node, output name)
     title: str | None = None
 
@@ -82,12 +81,14 @@ class Graph:
     def __init__(self):
         self.nodes: list[Node] = []
 
-    def add(self, type_: str, pos: tuple[int, int], title: str | None = None, **values) -> Node:
+    def add(self, type_: str, pos: tuple[int, int] | None = None, title: str | None = None, **values) -> Node:
+        """Adds a node. ``pos`` is ignored (kept so that graph definitions written with positions still run):
+        ``layout`` places every node."""
         inputs = dict(NODE_SPECS[type_][0])
         unknown = set(values) - set(inputs)
         if unknown:
             raise KeyError(f"{type_} has no input(s) {sorted(unknown)}")
-        node = Node(len(self.nodes) + 1, type_, pos, values, title)
+        node = Node(len(self.nodes) + 1, type_, values, title)
         self.nodes.append(node)
         return node
 
@@ -110,6 +111,7 @@ class Graph:
 
     # --- UI format ---
     def ui(self) -> dict:
+        placed, view = layout(self)
         links = []
         outgoing: dict[tuple[int, int], list[int]] = {}
         ui_nodes = []
@@ -133,7 +135,8 @@ class Graph:
                     links.append([link_id, source.id, slot, node.id, len(inputs), kind])
                     outgoing.setdefault((source.id, slot), []).append(link_id)
                 inputs.append({"name": name, "type": kind, "link": link_id})
-            ui_nodes.append({"id": node.id, "type": node.type, "pos": list(node.pos), "size": [_width(node), _height(node)],
+            pos, size = placed[node.id]
+            ui_nodes.append({"id": node.id, "type": node.type, "pos": list(pos), "size": list(size),
                              "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": [],
                              "properties": {"Node name for S&R": node.type}, "widgets_values": widgets_values})
             if node.title:
@@ -142,7 +145,7 @@ class Graph:
             ui_node["outputs"] = [{"name": name, "type": type_, "links": outgoing.get((node.id, slot), []), "slot_index": slot}
                                   for slot, (name, type_) in enumerate(NODE_SPECS[node.type][1])]
         return {"last_node_id": len(self.nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-                "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
+                "groups": [], "config": {}, "extra": {"ds": view}, "version": 0.4}
 
 
 def _output_index(node: Node, output: str) -> int:
@@ -150,13 +153,169 @@ def _output_index(node: Node, output: str) -> int:
     return names.index(output)
 
 
-def _width(node: Node) -> int:
-    return 360 if node.type in ("CLIPTextEncode", "ReNoiseInvert") else 300
+# --- layout -----------------------------------------------------------------------------------------------------
+# Node sizes follow the frontend's LGraphNode.computeSize (ComfyUI frontend 1.27, litegraph): the body (the title
+# bar of NODE_TITLE_HEIGHT is drawn above ``pos``) is max(socket inputs, outputs) rows of NODE_SLOT_HEIGHT, then
+# every widget's height + 4, + 8 under the widgets, + 6; the width is the largest of the title, the widest widget
+# label + widget padding, the socket labels, and NODE_WIDTH (x 1.5 with widgets). Text widths are estimated per
+# character (the frontend measures them with canvas fonts; CHAR_WIDTH errs on the wide side). Widgets whose value
+# must be readable (file names, sampler names) get room for label and value. tests/integration/test_browser.py
+# checks every saved size against the real frontend's computeSize.
+
+TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, NODE_WIDTH = 30, 20, 20, 140
+CHAR_WIDTH = 7.0
+WIDGET_PADDING = 86  # BaseWidget.minValueWidth + 2 * (margin + arrowMargin + arrowWidth)
+#: (body height, minimum width) of widgets drawn larger than one row: multiline text boxes (their 50 px minimum
+#: + 40 px, three lines of text; add every multiline widget here), and by kind, an image upload's combo + upload
+#: button + image preview (220 x 128 at least)
+LARGE_WIDGETS = {("CLIPTextEncode", "text"): (50 + 40, 0)}
+IMAGE_UPLOAD_SIZE = (WIDGET_HEIGHT + 4 + WIDGET_HEIGHT + 4 + 220, 128 + WIDGET_PADDING)
+#: value shown in full (label + value); others may be elided by the frontend
+VALUE_WIDGETS = {"ckpt_name", "lora_name", "sampler_name", "scheduler", "image"}
+#: the frontend's titles of core nodes (the pack's come from nodes/__init__.py)
+CORE_DISPLAY_NAMES = {"CheckpointLoaderSimple": "Load Checkpoint", "LoraLoader": "Load LoRA", "LoadImage": "Load Image",
+                      "ImageScale": "Upscale Image", "VAEEncode": "VAE Encode", "VAEDecode": "VAE Decode",
+                      "ImageBatch": "Batch Images", "SaveImage": "Save Image", "KSamplerAdvanced": "KSampler (Advanced)",
+                      "CLIPTextEncode": "CLIP Text Encode (Prompt)"}
+
+# The saved view: a 1920 x 1080 window, of which the frontend's canvas is the part right of the 64 px side bar and
+# under the 78 px top bars; the minimap and the zoom controls cover its bottom-right corner (OVERLAY_CORNER, screen
+# px). The graph must fit the rest at MIN_SCALE or more.
+CANVAS_SCREEN = (1920 - 64, 1080 - 78)
+OVERLAY_CORNER = (340, 285)
+SCREEN_MARGIN = 24
+MIN_SCALE, MAX_SCALE = 0.8, 1.0
+COLUMN_GAP, NODE_GAP, ROW_GAP = 40, 14, 40
 
 
-def _height(node: Node) -> int:
-    rows = len(NODE_SPECS[node.type][0]) + len(NODE_SPECS[node.type][1])
-    return 120 if node.type == "CLIPTextEncode" else 30 + 24 * rows
+def _pack_display_names() -> dict[str, str]:
+    """NODE_DISPLAY_NAME_MAPPINGS of nodes/__init__.py, read without importing the pack (it imports torch)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "nodes" / "__init__.py").read_text())
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and getattr(statement.targets[0], "id", "") == "NODE_DISPLAY_NAME_MAPPINGS":
+            try:
+                return ast.literal_eval(statement.value)
+            except ValueError:  # not a plain dict: titles fall back to type names (the browser test checks the sizes)
+                return {}
+    return {}
+
+
+DISPLAY_NAMES = {**CORE_DISPLAY_NAMES, **_pack_display_names()}
+
+
+def _text_width(text: str) -> float:
+    return CHAR_WIDTH * len(text)
+
+
+def _widget_size(node: Node, name: str, kind: str) -> tuple[int, int]:
+    """(height, minimum width) of one widget."""
+    if kind == "IMAGE_UPLOAD":
+        return IMAGE_UPLOAD_SIZE
+    return LARGE_WIDGETS.get((node.type, name), (WIDGET_HEIGHT, 0))
+
+
+def node_size(node: Node) -> tuple[int, int]:
+    """(width, height) of the node's body, as the frontend computes its minimum, rounded up to 10 px."""
+    inputs, outputs = NODE_SPECS[node.type]
+    sockets = [name for name, kind in inputs if kind not in WIDGET_KINDS]
+    widgets = [(name, kind) for name, kind in inputs if kind in WIDGET_KINDS]
+    rows = max(len(sockets), len(outputs), 1)
+    widgets_height = 0
+    for name, kind in widgets:
+        widgets_height += _widget_size(node, name, kind)[0] + 4
+        if kind == "SEED":  # control_after_generate
+            widgets_height += WIDGET_HEIGHT + 4
+    height = rows * SLOT_HEIGHT + (widgets_height + 8 if widgets else 0) + 6
+    title = node.title or DISPLAY_NAMES.get(node.type, node.type)
+    label_widths = [max(_text_width(name) + WIDGET_PADDING, _widget_size(node, name, kind)[1]) for name, kind in widgets]
+    label_widths += [_text_width(f"{name} {node.values.get(name, '')}") + WIDGET_PADDING for name, _ in widgets if name in VALUE_WIDGETS]
+    socket_width = max((_text_width(n) for n in sockets), default=0) + max((_text_width(n) for n, _ in outputs), default=0)
+    width = max(TITLE_HEIGHT * 1.33 + _text_width(title), max(label_widths, default=0), socket_width + 2 * SLOT_HEIGHT + 5,
+                NODE_WIDTH * (1.5 if widgets else 1))
+    return int(-(-width // 10) * 10), int(-(-height // 10) * 10)
+
+
+def _sources(node: Node) -> list[Node]:
+    return [value[0] for value in node.values.values() if isinstance(value, tuple) and isinstance(value[0], Node)]
+
+
+def columns(graph: Graph) -> list[list[Node]]:
+    """Nodes by graph depth (longest path from a node without inputs), in data-flow order. A node without inputs
+    that feeds only later columns (a config node) moves next to its first consumer. Within a column, nodes are
+    ordered by the mean row of their inputs (fewer crossing links), then by creation order."""
+    depth: dict[int, int] = {}
+    for node in graph.nodes:  # nodes are created after their inputs
+        depth[node.id] = 1 + max((depth[s.id] for s in _sources(node)), default=-1)
+    consumers: dict[int, list[Node]] = {n.id: [] for n in graph.nodes}
+    for node in graph.nodes:
+        for source in _sources(node):
+            consumers[source.id].append(node)
+    for node in graph.nodes:
+        if not _sources(node) and consumers[node.id]:
+            depth[node.id] = min(depth[c.id] for c in consumers[node.id]) - 1
+    result: list[list[Node]] = [[] for _ in range(max(depth.values()) + 1)]
+    row: dict[int, float] = {}
+    for column in range(len(result)):
+        def key(n: Node) -> tuple[float, int]:
+            rows = [row[s.id] for s in _sources(n)]  # sources are in earlier columns
+            return (sum(rows) / len(rows) if rows else -1.0, n.id)
+
+        members = sorted((n for n in graph.nodes if depth[n.id] == column), key=key)
+        for index, n in enumerate(members):
+            row[n.id] = index / max(len(members) - 1, 1)
+        result[column] = members
+    return [c for c in result if c]
+
+
+def _band(cols: list[list[Node]], sizes: dict[int, tuple[int, int]], x0: int, y0: int) -> tuple[dict, int, int]:
+    """Places columns left to right from (x0, y0); returns positions, band width and height (title bars included)."""
+    positions, x, height = {}, x0, 0
+    for column in cols:
+        y = y0
+        for node in column:
+            positions[node.id] = (x, y + TITLE_HEIGHT)
+            y += TITLE_HEIGHT + sizes[node.id][1] + NODE_GAP
+        height = max(height, y - NODE_GAP - y0)
+        x += max(sizes[n.id][0] for n in column) + COLUMN_GAP
+    return positions, x - COLUMN_GAP - x0, height
+
+
+def _fits(rects: list[tuple[int, int, int, int]], scale: float) -> bool:
+    """Whether boxes (canvas units, title bars included) are on screen and clear of the overlays, at ``scale`` with
+    the view offset SCREEN_MARGIN / scale."""
+    corner_x, corner_y = CANVAS_SCREEN[0] - OVERLAY_CORNER[0], CANVAS_SCREEN[1] - OVERLAY_CORNER[1]
+    for x0, y0, x1, y1 in rects:
+        sx0, sy0, sx1, sy1 = (SCREEN_MARGIN + scale * v for v in (x0, y0, x1, y1))
+        if sx1 > CANVAS_SCREEN[0] - SCREEN_MARGIN or sy1 > CANVAS_SCREEN[1] - SCREEN_MARGIN:
+            return False
+        if sx1 > corner_x and sy1 > corner_y:
+            return False
+    return True
+
+
+def layout(graph: Graph) -> tuple[dict[int, tuple[tuple[int, int], tuple[int, int]]], dict]:
+    """Positions and sizes of every node, and the saved view (``extra.ds``): the columns of ``columns`` in one
+    band, or wrapped into two bands (rows) at the split that allows the largest zoom; the view shows the whole
+    graph, clear of the frontend's overlays, in a 1920 x 1080 window at the largest zoom (5 % steps) up to 100 %.
+    Raises if that is under 80 %."""
+    sizes = {n.id: node_size(n) for n in graph.nodes}
+    cols = columns(graph)
+    best = (0.0, {})
+    for split in range(1, len(cols) + 1):
+        top, _, height_top = _band(cols[:split], sizes, 0, 0)
+        bottom = _band(cols[split:], sizes, 0, height_top + ROW_GAP)[0] if split < len(cols) else {}
+        positions = {**top, **bottom}
+        rects = [(x, y - TITLE_HEIGHT, x + sizes[i][0], y + sizes[i][1]) for i, (x, y) in positions.items()]
+        scale = next((s / 20 for s in range(round(MAX_SCALE * 20), round(MIN_SCALE * 20) - 1, -1) if _fits(rects, s / 20)), 0.0)
+        if scale > best[0]:
+            best = (scale, positions)
+    scale, positions = best
+    if scale < MIN_SCALE:
+        raise ValueError(f"the graph does not fit a 1920 x 1080 window at {MIN_SCALE:.0%} zoom: split it or shrink its nodes")
+    view = {"scale": scale, "offset": [round(SCREEN_MARGIN / scale, 2), round(SCREEN_MARGIN / scale, 2)]}
+    return {n.id: (positions[n.id], sizes[n.id]) for n in graph.nodes}, view
 
 
 # --- the workflows ----------------------------------------------------------------------------------------------
@@ -342,6 +501,7 @@ def flux_schnell_edit() -> Graph:
     return g
 
 
+#: every workflow, the quick start first (the thumbnails' order, see scripts/make_thumbnails.py)
 WORKFLOWS = {
     "sdxl_turbo_edit": sdxl_turbo_edit,
     "lcm_lora_edit": lcm_lora_edit,
@@ -353,42 +513,18 @@ WORKFLOWS = {
     "sdxl_turbo_auto_mask_edit": sdxl_turbo_auto_mask_edit,
 }
 
-
-LINK_COLOURS = {"MODEL": (180, 160, 255), "CLIP": (255, 210, 80), "VAE": (255, 110, 110), "CONDITIONING": (255, 170, 60),
-                "LATENT": (255, 140, 200), "IMAGE": (100, 180, 255), "SIGMAS": (140, 230, 140), "SAMPLER": (230, 230, 140),
-                "RENOISE_INVERSION": (90, 220, 220), "EDIT_LOSS_CONFIG": (200, 200, 200), "NOISE_CORRECTION": (200, 200, 200),
-                "MASK": (120, 200, 120)}
-
-
-def thumbnail(graph: Graph, size: tuple[int, int] = (640, 360)):
-    """A schematic of the graph for the template browser: nodes as boxes (this pack's in teal), links by type."""
-    from PIL import Image, ImageDraw
-
-    xs = [n.pos[0] for n in graph.nodes] + [n.pos[0] + _width(n) for n in graph.nodes]
-    ys = [n.pos[1] for n in graph.nodes] + [n.pos[1] + _height(n) for n in graph.nodes]
-    margin = 16
-    scale = min((size[0] - 2 * margin) / (max(xs) - min(xs)), (size[1] - 2 * margin) / (max(ys) - min(ys)))
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return margin + (x - min(xs)) * scale, margin + (y - min(ys)) * scale
-
-    image = Image.new("RGB", size, (32, 32, 36))
-    draw = ImageDraw.Draw(image)
-    for node in graph.nodes:
-        for name, value in node.values.items():
-            if isinstance(value, tuple) and isinstance(value[0], Node):
-                source = value[0]
-                kind = dict(NODE_SPECS[node.type][0])[name]
-                start = px(source.pos[0] + _width(source), source.pos[1] + 20)
-                end = px(node.pos[0], node.pos[1] + 20)
-                draw.line([start, end], fill=LINK_COLOURS.get(kind, (200, 200, 200)), width=2)
-    for node in graph.nodes:
-        ours = node.type in ("ReNoiseInvert", "ReNoiseSampler", "NoiseCorrection", "EditLossConfig", "EditFriendlyInvert",
-                             "ReNoiseEditMask")
-        box = [*px(*node.pos), *px(node.pos[0] + _width(node), node.pos[1] + _height(node))]
-        draw.rounded_rectangle(box, radius=4, fill=(20, 110, 120) if ours else (60, 60, 66), outline=(140, 140, 150))
-        draw.text((box[0] + 3, box[1] + 2), (node.title or node.type)[:28], fill=(235, 235, 235))
-    return image
+#: one line per workflow, shown on its thumbnail (the template browser of ComfyUI 0.3.64 / frontend 1.27 shows a
+#: custom node's template only by its file name; it reads no description from the pack)
+DESCRIPTIONS = {
+    "sdxl_turbo_edit": "Quick start: edit a photo with SDXL-Turbo, 4 steps",
+    "lcm_lora_edit": "SDXL + LCM-LoRA, lcm sampler, 4 steps",
+    "sd15_ddim_edit": "SD1.5, ddim 50 steps, edit with KSampler (Advanced)",
+    "sdxl_ddim_reconstruct": "SDXL, ddim 50 steps: reconstruction and an edit",
+    "sd15_edit_friendly_ddpm": "SD1.5 edit-friendly DDPM inversion, 100 steps",
+    "flux_schnell_edit": "Flux schnell (flow model), 4 steps",
+    "sdxl_turbo_local_edit": "SDXL-Turbo local edit: the photo kept outside a painted mask",
+    "sdxl_turbo_auto_mask_edit": "SDXL-Turbo local edit, mask found from the prompts",
+}
 
 
 def render(name: str) -> dict[str, str]:
@@ -403,8 +539,6 @@ def main() -> None:
         for filename, text in render(name).items():
             (WORKFLOWS_DIR / filename).write_text(text)
             print(f"wrote workflows/{filename}")
-        thumbnail(WORKFLOWS[name]()).save(WORKFLOWS_DIR / f"{name}.jpg", quality=90)
-        print(f"wrote workflows/{name}.jpg")
 
 
 if __name__ == "__main__":

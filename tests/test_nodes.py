@@ -65,6 +65,16 @@ def test_node_contract():
                 assert "tooltip" in spec[1], (cls.__name__, name)
 
 
+def test_edit_friendly_tooltips_name_only_what_it_has():
+    """EditFriendlyInvert borrows ReNoiseInvert's widgets; its tooltips must not mention the edit losses, which it does not have."""
+    spec = NODES["EditFriendlyInvert"].INPUT_TYPES()
+    for section in spec.values():
+        for name, (_, options) in section.items():
+            assert "edit-loss" not in options["tooltip"] and "edit loss" not in options["tooltip"].lower(), name
+    assert "seed + b" in spec["required"]["seed"][1]["tooltip"]
+    assert spec["required"]["seed"][1]["control_after_generate"]
+
+
 def test_invert_input_names_are_the_public_contract():
     spec = NODES["ReNoiseInvert"].INPUT_TYPES()
     assert list(spec["required"]) == ["model", "positive", "negative", "latent_image", "sampler_name", "scheduler", "steps",

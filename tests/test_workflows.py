@@ -173,7 +173,7 @@ def test_every_workflow_has_a_thumbnail(name):
     from PIL import Image
 
     with Image.open(WORKFLOWS / f"{name}.jpg") as image:
-        assert image.format == "JPEG" and image.size == (640, 360)
+        assert image.format == "JPEG" and image.size == (512, 512)  # scripts/make_thumbnails.py
 
 
 def test_nodes_do_not_overlap_in_the_ui():
@@ -184,3 +184,73 @@ def test_nodes_do_not_overlap_in_the_ui():
             for b in boxes[i + 1:]:
                 overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
                 assert not overlap, (name, a[4], b[4])
+
+
+def _screen_rects(ui):
+    """Each node's rectangle on screen (title bar included) at the saved view, in the canvas' pixels."""
+    scale, (ox, oy) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+    title = make_workflows.TITLE_HEIGHT
+    return {n["id"]: ((n["pos"][0] + ox) * scale, (n["pos"][1] - title + oy) * scale,
+                      (n["pos"][0] + n["size"][0] + ox) * scale, (n["pos"][1] + n["size"][1] + oy) * scale) for n in ui["nodes"]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_saved_view_shows_every_node_at_80_percent_or_more(name):
+    ui, _ = load(name)
+    assert ui["extra"]["ds"]["scale"] >= 0.8
+    width, height = make_workflows.CANVAS_SCREEN
+    corner = (width - make_workflows.OVERLAY_CORNER[0], height - make_workflows.OVERLAY_CORNER[1])
+    for x0, y0, x1, y1 in _screen_rects(ui).values():
+        assert 0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height
+        assert not (x1 > corner[0] and y1 > corner[1]), "under the minimap"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_what_the_user_sets_is_top_left(name):
+    ui, _ = load(name)
+    rects = _screen_rects(ui)
+    inputs = [n["id"] for n in ui["nodes"] if n["type"] in ("CheckpointLoaderSimple", "LoadImage")
+              or n.get("title", "").startswith(("Source prompt", "Target prompt"))]
+    assert len(inputs) == 4
+    width, height = make_workflows.CANVAS_SCREEN
+    for node_id in inputs:
+        x0, y0, _, _ = rects[node_id]
+        assert x0 < width / 2 and y0 < height / 2, node_id
+    loader = next(n["id"] for n in ui["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    assert rects[loader][:2] == min(r[:2] for r in rects.values())
+
+
+def test_the_layout_places_any_graph():
+    """A longer graph (more nodes in the chain, a new node type) is laid out without overlaps and fits, or the
+    generator says it does not fit."""
+    g = make_workflows.sdxl_turbo_edit()
+    invert = next(n for n in g.nodes if n.type == "ReNoiseInvert")
+    extra = g.add("ReNoiseSampler", inversion=(invert, "inversion"))
+    g.add("ReNoiseSampler", inversion=(invert, "inversion"), title="another replay of the same inversion")
+    ui = g.ui()
+    placed = {n["id"]: n for n in ui["nodes"]}
+    assert extra.id in placed and ui["extra"]["ds"]["scale"] >= 0.8
+    boxes = [(n["pos"][0], n["pos"][1] - make_workflows.TITLE_HEIGHT, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in ui["nodes"]]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+    huge = make_workflows.Graph()
+    previous = huge.add("CheckpointLoaderSimple", ckpt_name="x.safetensors")
+    for _ in range(30):
+        previous = huge.add("ModelSamplingDiscrete", model=(previous, "MODEL"), sampling="eps", zsnr=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        huge.ui()
+
+
+def test_node_sizes_count_widgets_and_sockets_like_the_frontend():
+    """ReNoiseInvert: 7 socket rows of 20 px, 15 widgets (seed's control included) of 24 px, + 8 + 6: 514 px, the
+    frontend's computeSize (ComfyUI frontend 1.27); rounded up to 520."""
+    g = make_workflows.sdxl_turbo_edit()
+    invert = next(n for n in g.nodes if n.type == "ReNoiseInvert")
+    sockets = sum(kind not in make_workflows.WIDGET_KINDS for _, kind in make_workflows.NODE_SPECS["ReNoiseInvert"][0])
+    widgets = sum(1 + (kind == "SEED") for _, kind in make_workflows.NODE_SPECS["ReNoiseInvert"][0] if kind in make_workflows.WIDGET_KINDS)
+    expected = 20 * max(sockets, 3) + 24 * widgets + 8 + 6
+    width, height = make_workflows.node_size(invert)
+    assert expected <= height < expected + 10
+    assert 210 <= width <= 320

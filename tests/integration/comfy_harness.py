@@ -45,6 +45,15 @@ MIXTURE = GaussianMixture.random(components=NUM_CLASSES, shape=LATENT_SHAPE, std
 #: the exact models a graph can pick ("mixture" input of AnalyticModel / AnalyticLatent): the isotropic mixture and
 #: one whose components share a natural-image spectrum (a realistic Jacobian for the solvers)
 MIXTURES = {"isotropic": MIXTURE, "spectral": SpectralMixture.random(components=NUM_CLASSES, shape=(4, 32, 32), within=1.0, seed=0)}
+SIZED_MIXTURES = {LATENT_SHAPE: MIXTURE}
+
+
+def mixture_for(shape: tuple[int, ...]) -> GaussianMixture:
+    """The isotropic mixture for latents of ``shape`` (C, H, W): MIXTURE, or one made (once) for that size."""
+    shape = tuple(shape)
+    if shape not in SIZED_MIXTURES:
+        SIZED_MIXTURES[shape] = GaussianMixture.random(components=NUM_CLASSES, shape=shape, std=1.0, seed=0)
+    return SIZED_MIXTURES[shape]
 SD15_SCALE = 0.18215
 #: local edits: classes whose means agree outside BOX (latent rows, columns) and differ (along one pattern) inside
 BOX = (slice(4, 12), slice(5, 13))
@@ -91,6 +100,23 @@ def fill_random(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
 
 
+class Interrupt:
+    """ComfyUI's cancel (interrupt_current_processing), requested after a given number of model calls."""
+
+    def __init__(self):
+        self.after_calls = None
+
+    def count_call(self) -> None:
+        if self.after_calls is not None:
+            self.after_calls -= 1
+            if self.after_calls == 0:
+                self.after_calls = None
+                comfy.model_management.interrupt_current_processing(True)
+
+
+INTERRUPT = Interrupt()
+
+
 class AnalyticUNet(torch.nn.Module):
     """Replaces ``diffusion_model``: receives ``x / sqrt(1 + sigma^2)`` and the integer timestep, returns the exact
     eps (or v) of the Gaussian mixture, conditioned on the class prior stored in ``context[:, 0, :K]``."""
@@ -109,7 +135,9 @@ class AnalyticUNet(torch.nn.Module):
         x_k = (x.double() * scale).float()
         prior = context[:, 0, :NUM_CLASSES].double()
         prior = prior / prior.sum(1, keepdim=True)
-        x0 = self.mixture.posterior_mean(x_k, sigma, prior).double()
+        mixture = self.mixture if tuple(x_k.shape[1:]) == tuple(self.mixture.means.shape[1:]) else mixture_for(x_k.shape[1:])
+        x0 = mixture.posterior_mean(x_k, sigma, prior).double()
+        INTERRUPT.count_call()
         eps = (x_k.double() - x0) / sigma.double().view(-1, 1, 1, 1)
         if self.prediction == "v":  # DDPM units: x_ddpm = a x0 + s eps, v = a eps - s x0
             a, s = 1 / scale, sigma.double().view(-1, 1, 1, 1) / scale
@@ -170,10 +198,14 @@ class AnalyticLatent:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"classes": ("STRING", {"default": "3"}), "seed": ("INT", {"default": 1})},
-                "optional": {"mixture": (list(MIXTURES),)}}
+                "optional": {"mixture": (list(MIXTURES),), "height": ("INT", {"default": LATENT_SHAPE[1]}),
+                             "width": ("INT", {"default": LATENT_SHAPE[2]})}}
 
-    def make(self, classes, seed, mixture="isotropic"):
-        x0 = MIXTURES[mixture].sample([int(c) for c in classes.split(",")], seed=seed)
+    def make(self, classes, seed, mixture="isotropic", height=LATENT_SHAPE[1], width=LATENT_SHAPE[2]):
+        model = MIXTURES[mixture]
+        if (height, width) != tuple(model.means.shape[2:]):
+            model = mixture_for((LATENT_SHAPE[0], height, width))  # other sizes: the isotropic model of that size
+        x0 = model.sample([int(c) for c in classes.split(",")], seed=seed)
         CAPTURED["x0"] = x0
         return ({"samples": x0 / SD15_SCALE},)  # LATENT space; the sampler sees x0 after process_in
 
@@ -962,8 +994,113 @@ def scenario_local_edit(workdir: Path) -> dict:
     return results
 
 
+# --- soak and cancel -------------------------------------------------------------------------------------------
+# One ComfyUI executor (as the server keeps one) runs many inversions and edits; between them a fixed probe prompt
+# is run and the process's live tensors and resident memory are counted, which must not grow.
+
+SOAK_RUNS = int(os.environ.get("RENOISE_SOAK_RUNS", "200"))
+SOAK_SAMPLERS = ("euler", "euler_ancestral", "ddim", "lcm", "ddpm")
+SOAK_SIZES = ((8, 8), (16, 16), (12, 20))  # latent height, width
+PROBE = dict(sampler="euler_ancestral", renoise_steps=2, noise_correction="optimize", edit_class=9)
+#: the cancelled inversion: the Turbo defaults (38 model calls), cancelled after 17
+CANCELLED = dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True, edit_class=9)
+CANCEL_AFTER_CALLS = 17
+
+
+def soak_prompt(i: int) -> dict:
+    """Run i of the soak: sampler, latent size, batch size, steps, renoising, noise correction, edit losses and
+    method vary with i; every run inverts with one class and samples (edits) with another."""
+    sampler = SOAK_SAMPLERS[i % len(SOAK_SAMPLERS)]
+    height, width = SOAK_SIZES[(i // len(SOAK_SAMPLERS)) % len(SOAK_SIZES)]
+    batch = 1 + (i // 15) % 3
+    stochastic = sampler in ("euler_ancestral", "lcm", "ddpm")
+    classes = ",".join(str((i + b) % NUM_CLASSES) for b in range(batch))
+    kwargs = dict(sampler=sampler, renoise_steps=1 + i % 3, steps=2 + i % 3, classes=classes,
+                  edit_class=(i + 7) % NUM_CLASSES, noise_correction="optimize" if stochastic and i % 2 else None, edit_loss=i % 20 == 0)
+    if stochastic and i % 7 == 0:
+        kwargs.update(renoise_steps=0, skip=1, noise_correction=None, edit_loss=False)
+    prompt = analytic_graph(**kwargs)
+    prompt["4"]["inputs"].update(height=height, width=width, seed=i)
+    return prompt
+
+
+def execute(executor, prompt: dict) -> dict:
+    """Validate and execute ``prompt`` with a kept executor (its caches persist, as in the server)."""
+    valid = asyncio.run(execution.validate_prompt("1", prompt, None))
+    if not valid[0]:
+        return {"valid": False, "error": json.dumps(valid[1])[:2000]}
+    executor.execute(prompt, "1", {}, valid[2])
+    events = [event for event, _ in executor.status_messages]
+    errors = [data.get("exception_message") for event, data in executor.status_messages if event == "execution_error"]
+    return {"valid": True, "success": executor.success, "interrupted": "execution_interrupted" in events,
+            "error": errors[0] if errors else None}
+
+
+def process_state() -> dict:
+    """Live torch tensors (after a full collection), resident memory, models ComfyUI holds loaded."""
+    import gc
+
+    gc.collect()
+    tensors = sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    with open("/proc/self/statm") as statm:
+        rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"tensors": tensors, "rss_mb": rss / 2**20, "loaded_models": len(comfy.model_management.current_loaded_models)}
+
+
+def digests(names=("inverted", "reconstruction")) -> dict[str, str]:
+    """SHA-256 of the bytes of captured outputs (bit-identity across processes)."""
+    import hashlib
+
+    return {name: hashlib.sha256(CAPTURED[name].contiguous().cpu().numpy().tobytes()).hexdigest() for name in names if name in CAPTURED}
+
+
+class QuietServer(FakeServer):
+    """Drops the messages (a server sends them to its clients and keeps none)."""
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+
+def scenario_soak(workdir: Path) -> dict:
+    import time
+
+    executor = execution.PromptExecutor(QuietServer(), cache_type=False)
+    checkpoints, failures, seconds = [], [], []
+    for i in range(SOAK_RUNS):
+        CAPTURED.clear()
+        start = time.perf_counter()
+        result = execute(executor, soak_prompt(i))
+        seconds.append(round(time.perf_counter() - start, 3))
+        if not result.get("success"):
+            failures.append({"run": i, **result})
+        if (i + 1) % 20 == 0:
+            CAPTURED.clear()
+            probe = execute(executor, analytic_graph(**PROBE))
+            checkpoints.append({"run": i + 1, "probe_ok": bool(probe.get("success")), **process_state()})
+    # cancel an inversion mid-way, then run it again in the same process
+    CAPTURED.clear()
+    INTERRUPT.after_calls = CANCEL_AFTER_CALLS
+    cancelled = execute(executor, analytic_graph(**CANCELLED))
+    INTERRUPT.after_calls = None
+    CAPTURED.clear()
+    again = execute(executor, analytic_graph(**CANCELLED))
+    after_cancel = digests()
+    CAPTURED.clear()
+    probe = execute(executor, analytic_graph(**PROBE))
+    checkpoints.append({"run": "after cancel", "probe_ok": bool(probe.get("success")), **process_state()})
+    return {"runs": SOAK_RUNS, "failures": failures[:5], "failure_count": len(failures), "checkpoints": checkpoints,
+            "cancelled": cancelled, "again": again, "after_cancel": after_cancel, "seconds": seconds}
+
+
+def scenario_cancel_reference(workdir: Path) -> dict:
+    """The cancelled inversion's prompt, run once in a fresh process."""
+    result = execute(execution.PromptExecutor(FakeServer(), cache_type=False), analytic_graph(**CANCELLED))
+    return {"result": result, "digests": digests()}
+
+
 SCENARIOS = {"solvers": scenario_solvers, "learned": scenario_learned, "local_edit": scenario_local_edit, "flow": scenario_flow,
-             "analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows, "files": scenario_files}
+             "analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows, "files": scenario_files,
+             "soak": scenario_soak, "cancel_reference": scenario_cancel_reference}
 
 
 def main() -> None:
