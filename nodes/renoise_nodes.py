@@ -24,6 +24,7 @@ from ..renoise_core import (
 )
 from ..renoise_core.inversion import NOISE_CORRECTION_MODES
 from ..renoise_core.local_edit import keep_outside_mask, latent_mask
+from ..renoise_core.multistep import invert_multistep, is_multistep_sampler, make_multistep_steps, planned_multistep_calls
 from ..renoise_core.solvers import SOLVERS
 from . import host
 from .inversion_data import (
@@ -42,7 +43,7 @@ from .inversion_data import (
 
 CATEGORY = "sampling/renoise"
 #: samplers with an exact affine inverse (ComfyUI names)
-INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm"]
+INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"]
 #: samplers that add noise (the ones edit-friendly inversion can use)
 STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -91,7 +92,7 @@ class ReNoiseInvert:
                          "tooltip": "Seed of the per-step noises (stochastic samplers) and the edit-loss reference noise."}),
             },
             "optional": {
-                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson, the accelerated solver, at its measured defaults."}),
+                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson, the accelerated solver, at its measured defaults. heun, dpm_2 and dpmpp_2m* ignore it (they have their own solver)."}),
                 "edit_loss": (EDIT_LOSS_TYPE, {"tooltip": "Editability losses (EditLossConfig node). Unconnected: none."}),
                 "noise_correction": (NOISE_CORRECTION_TYPE, {"tooltip": "Noise correction for stochastic samplers (NoiseCorrection node)."}),
                 "sigmas": ("SIGMAS", {"tooltip": "A custom schedule; overrides scheduler, steps and denoise."}),
@@ -132,14 +133,30 @@ class ReNoiseInvert:
         )
         options = _sampler_options(sampler_name, eta, s_noise)
 
+        multistep = is_multistep_sampler(sampler_name)  # heun, dpm_2, dpmpp_2m*: renoise_core.multistep
+        if multistep and config.edits():
+            raise ValueError(f"ReNoiseInvert: edit losses are not supported with {sampler_name} yet; disconnect edit_loss "
+                             "or use euler / euler_ancestral.")
+
+        # heun, dpm_2: renoise_steps + 1 evaluations per step; dpmpp_2m*: one first sweep, then renoise_steps sweeps of 2
+        multistep_settings = {"iterations": renoise_steps + 1} if sampler_name in ("heun", "dpm_2") else \
+            {"iterations": 1, "sweeps": renoise_steps + 1, "sweep_iterations": 2}
+
         def run(denoiser, x0, sigmas_descending, seeds, callback):
+            if multistep:
+                return invert_multistep(denoiser, x0, sigmas_descending, sampler_name, seed=seeds, noise_correction=noise_correction,
+                                        parameterization=parameterization, callback=callback, **multistep_settings)
             return invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds, sampler_options=options,
                           parameterization=parameterization, callback=callback, keep_trajectory=True)
 
         settings = {"cfg": cfg, "renoise_steps": renoise_steps, "solver": dataclasses.asdict(solver),
                     "edit_loss": dataclasses.asdict(edit_loss) if edit_loss else None,
                     "noise_correction": dataclasses.asdict(noise_correction) if noise_correction else None}
-        calls = planned_denoiser_calls(schedule, sampler_name, config, parameterization, **options)
+        if multistep:
+            calls = planned_multistep_calls(schedule, sampler_name, noise_correction=noise_correction, parameterization=parameterization,
+                                            **multistep_settings)
+        else:
+            calls = planned_denoiser_calls(schedule, sampler_name, config, parameterization, **options)
         return _run("ReNoiseInvert", bridge, model, positive, negative, cfg, latent_image, schedule, seed, calls, run,
                     method="renoise", model_sampling=model_sampling, sampler_name=sampler_name, options=options, settings=settings)
 
@@ -272,7 +289,7 @@ def _run(node, bridge, model, positive, negative, cfg, latent_image, schedule, s
         diagnostics=inversion.steps,
         denoiser_calls=inversion.denoiser_calls,
         start_latent=start_latent,
-        trajectory=inversion.trajectory.to(device=bridge.intermediate_device(), dtype=torch.float32),
+        trajectory=None if inversion.trajectory is None else inversion.trajectory.to(device=bridge.intermediate_device(), dtype=torch.float32),
     )
     out = {key: value for key, value in latent_image.items() if key not in ("samples", "noise_mask")}
     out["samples"] = latent_out
@@ -310,10 +327,11 @@ class ReNoiseSampler:
             check_latent_shape(tuple(x.shape), inversion)
             schedule = sigmas.tolist()
             start = match_schedule(schedule, inversion.sigmas.tolist())
-            steps = make_steps(inversion.sampler_name, schedule, inversion.parameterization, **inversion.sampler_options)
+            make = make_multistep_steps if is_multistep_sampler(inversion.sampler_name) else make_steps
+            steps = make(inversion.sampler_name, schedule, inversion.parameterization, **inversion.sampler_options)
             if start == 0 and inversion.start_latent is not None:  # flow model at sigma 1: ComfyUI zeroed the latent
                 x = inversion.start_latent.to(x)
-            return x, noise_replay(inversion, start, x) if any(step.is_stochastic for step in steps) else None
+            return x, noise_replay(inversion, start, x) if any(getattr(step, "is_stochastic", False) for step in steps) else None
 
         if adjust_prediction is None:
             return (host.bridge().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run),)
@@ -326,6 +344,11 @@ def _keep_outside(inversion: InversionData, mask):
     the prediction is blended, so the stock sampler's own step lands on the trajectory outside the mask."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError("ReNoiseSampler: `mask` must be a MASK (Load Image's MASK output, ReNoiseEditMask, ...).")
+    if is_multistep_sampler(inversion.sampler_name):
+        raise ValueError(
+            f"ReNoiseSampler: masked sampling supports the first-order samplers (euler, ddim, euler_ancestral, lcm, ddpm); "
+            f"this inversion used {inversion.sampler_name}. Invert with one of those to edit with a mask."
+        )
     if inversion.trajectory is None:
         raise ValueError(
             "ReNoiseSampler: this inversion has no trajectory (saved by ReNoise 0.1.0, file format 1), which masked "

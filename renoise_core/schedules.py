@@ -61,3 +61,13 @@ def flow_simple_schedule(steps: int, shift: float = 3.0, timesteps: int = 1000) 
     ``ModelSamplingSD3`` node): training sigmas ``shift t / (1 + (shift - 1) t)`` at ``t = 1/1000 .. 1``."""
     t = torch.arange(1, timesteps + 1, dtype=torch.float64) / timesteps
     return simple_schedule((shift * t / (1 + (shift - 1) * t)).float(), steps)
+
+
+def karras_schedule(steps: int, sigma_min: float = 0.0292, sigma_max: float = 14.6146, rho: float = 7.0) -> Tensor:
+    """ComfyUI ``get_sigmas_karras`` (float32, with a final 0): ``steps + 1`` sigmas. The defaults are SD1.5's
+    ``sigma_min`` / ``sigma_max`` as ComfyUI's ``karras`` scheduler reads them from the model."""
+    ramp = torch.linspace(0, 1, steps)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros([1])])

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from renoise_core.multistep import is_multistep_sampler, make_multistep_steps, sample_multistep
 from renoise_core.samplers import make_steps
-from renoise_core.schedules import denoise_schedule, sd_discrete_sigmas, simple_schedule
+from renoise_core.schedules import denoise_schedule, karras_schedule, sd_discrete_sigmas, simple_schedule
 from renoise_core.schedules import sigma_at_timestep as table_sigma
 
 LATENT_SCALE = 0.18215
@@ -38,8 +39,11 @@ def scheduler_names() -> list[str]:
 
 
 def schedule(model, scheduler: str, steps: int, denoise: float) -> torch.Tensor:
+    if scheduler == "karras":  # ComfyUI's karras with the model's sigma_min / sigma_max
+        sigma_lo, sigma_hi = float(TRAINING_SIGMAS[0]), float(TRAINING_SIGMAS[-1])
+        return denoise_schedule(lambda n: karras_schedule(n, sigma_lo, sigma_hi), steps, denoise)
     if scheduler != "simple":
-        raise NotImplementedError(f"the fake host only has the 'simple' scheduler, not {scheduler!r}")
+        raise NotImplementedError(f"the fake host only has the 'simple' and 'karras' schedulers, not {scheduler!r}")
     return denoise_schedule(lambda n: simple_schedule(TRAINING_SIGMAS, n), steps, denoise)
 
 
@@ -131,6 +135,15 @@ class FakeSampler:
 
             def denoiser(x_in, sigma):
                 return adjust(x_in, guided(x_in, sigma))
+        if is_multistep_sampler(self.sampler_name):  # heun, dpm_2, dpmpp_2m*: one noise_sampler call per stochastic step
+            parameterization = "flow" if flow else "eps"
+            steps = make_multistep_steps(self.sampler_name, sigmas, parameterization, **self.options)
+            stochastic = [getattr(s, "is_stochastic", False) for s in steps]
+            noises = torch.stack([noise_sampler(torch.tensor(s.sigma), torch.tensor(s.sigma_next)) if asks else torch.zeros_like(x)
+                                  for s, asks in zip(steps, stochastic)])
+            x = sample_multistep(denoiser, x, sigmas, self.sampler_name, noises=noises, sampler_options=self.options,
+                                 parameterization=parameterization)
+            return {"samples": x / LATENT_SCALE}
         for step in make_steps(self.sampler_name, sigmas, "flow" if flow else "eps", **self.options):
             sigma = torch.full((x.shape[0],), step.sigma)
             eps = (x - denoiser(x, sigma)) / step.sigma

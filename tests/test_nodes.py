@@ -79,7 +79,8 @@ def test_invert_input_names_are_the_public_contract():
     spec = NODES["ReNoiseInvert"].INPUT_TYPES()
     assert list(spec["required"]) == ["model", "positive", "negative", "latent_image", "sampler_name", "scheduler", "steps",
                                       "denoise", "cfg", "renoise_steps", "seed"]
-    assert spec["required"]["sampler_name"][0] == ["euler_ancestral", "euler", "ddim", "lcm", "ddpm"]
+    assert spec["required"]["sampler_name"][0] == ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m",
+                                                   "dpmpp_2m_sde", "dpmpp_2m_sde_heun"]
     assert spec["required"]["steps"][1]["default"] == 4 and spec["required"]["renoise_steps"][1]["default"] == 9
     assert spec["required"]["denoise"][1]["default"] == 1.0 and spec["required"]["cfg"][1]["default"] == 1.0
     assert list(spec["optional"]) == ["solver", "edit_loss", "noise_correction", "sigmas", "eta", "s_noise"]
@@ -142,7 +143,7 @@ def test_cancel_then_run_again_is_clean(graph):
         (dict(denoise=0.0), "denoise must be in"),
         (dict(steps=0), "steps must be between 1 and 1000"),
         (dict(steps=100000), "steps must be between 1 and 1000"),
-        (dict(sampler_name="dpmpp_2m"), "sampler_name must be one of"),
+        (dict(sampler_name="dpmpp_sde"), "sampler_name must be one of"),
         (dict(sigmas=torch.tensor([0.5, 1.0, 0.0])), "bad schedule.*strictly descending"),
         (dict(sigmas=torch.tensor([1.0])), "bad schedule.*at least 2"),
         (dict(renoise_steps=-1), "renoise_steps"),
@@ -317,3 +318,19 @@ def test_edit_friendly_node_refusals(graph):
     spec = NODES["EditFriendlyInvert"].INPUT_TYPES()
     assert list(spec["required"]) == ["model", "positive", "negative", "latent_image", "sampler_name", "scheduler", "steps",
                                       "denoise", "cfg", "skip", "seed"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_second_order_and_multistep_samplers_reconstruct_through_the_nodes(graph, sampler):
+    (nc,) = NODES["NoiseCorrection"]().build("exact", 10, 1.8)
+    latent, inversion, sigmas = invert(graph, sampler_name=sampler, scheduler="karras", steps=20, renoise_steps=1,
+                                       noise_correction=nc if sampler == "dpmpp_2m_sde" else None)
+    assert inversion.sampler_name == sampler and fake_comfy.Progress.log[-1] == (inversion.denoiser_calls,) * 2
+    out = replay(graph, latent, inversion, sigmas)
+    assert psnr(out["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).min() > 35  # euler here: 39 dB
+
+
+def test_multistep_samplers_refuse_edit_losses(graph):
+    (edit,) = NODES["EditLossConfig"]().build(20.0, 20.0, 4, 5, 4)
+    with pytest.raises(ValueError, match="not supported with dpmpp_2m"):
+        invert(graph, sampler_name="dpmpp_2m", edit_loss=edit)

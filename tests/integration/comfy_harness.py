@@ -315,7 +315,7 @@ def run_prompt(prompt: dict) -> dict:
 def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class: int | None = None, cfg=1.0,
                    noise_correction: str | None = None, continue_with="samplercustom", prediction="eps", patch=None,
                    sampling_sigmas_steps: int | None = None, steps=4, edit_loss=False, skip: int | None = None,
-                   mixture: str = "isotropic", solver: str | None = None) -> dict:
+                   mixture: str = "isotropic", solver: str | None = None, scheduler="simple") -> dict:
     """The standard graphs: ReNoiseInvert, then either ReNoiseSampler + SamplerCustom or KSamplerAdvanced.
     ``solver``: None leaves ReNoiseInvert's solver input unconnected; a method name connects a ReNoiseSolver."""
     context_dim = 768
@@ -329,7 +329,7 @@ def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class:
         "4": {"class_type": "AnalyticLatent", "inputs": {"classes": classes, "seed": 1, "mixture": mixture}},
         "6": {"class_type": "ReNoiseInvert", "inputs": {
             "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
-            "sampler_name": sampler, "scheduler": "simple", "steps": steps, "denoise": 1.0, "cfg": cfg,
+            "sampler_name": sampler, "scheduler": scheduler, "steps": steps, "denoise": 1.0, "cfg": cfg,
             "renoise_steps": renoise_steps, "seed": 7865}},
         "9": {"class_type": "CaptureLatent", "inputs": {"samples": ["8", 0], "name": "reconstruction"}},
         "10": {"class_type": "CaptureLatent", "inputs": {"samples": ["6", 0], "name": "inverted"}},
@@ -359,7 +359,7 @@ def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class:
     if continue_with == "ksampleradvanced":
         prompt["8"] = {"class_type": "KSamplerAdvanced", "inputs": {
             "model": model_ref, "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": cfg, "sampler_name": sampler,
-            "scheduler": "simple", "positive": target, "negative": ["3", 0], "latent_image": ["6", 0],
+            "scheduler": scheduler, "positive": target, "negative": ["3", 0], "latent_image": ["6", 0],
             "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
     else:
         sigmas = ["6", 2]
@@ -1098,7 +1098,73 @@ def scenario_cancel_reference(workdir: Path) -> dict:
     return {"result": result, "digests": digests()}
 
 
-SCENARIOS = {"solvers": scenario_solvers, "learned": scenario_learned, "local_edit": scenario_local_edit, "flow": scenario_flow,
+def forward_mismatches() -> dict:
+    """ComfyUI's own k-diffusion functions (heun, dpm_2, dpmpp_2m, dpmpp_2m_sde(_heun)) against the core's forward
+    pass on the analytic model, eps (karras) and flow (CONST): the largest difference relative to the output's scale."""
+    import types
+
+    import comfy.k_diffusion.sampling as k_sampling
+    import comfy.model_sampling
+
+    from renoise_core.multistep import sample_multistep
+    from renoise_core.schedules import karras_schedule
+
+    mismatches = {}
+    for parameterization, kind in (("eps", comfy.model_sampling.EPS), ("flow", comfy.model_sampling.CONST)):
+        model = GaussianMixture(MIXTURE.means, MIXTURE.stds, parameterization)
+        denoiser = model.denoiser([3, 5])
+        sigmas = karras_schedule(10) if parameterization == "eps" else torch.linspace(0.95, 0.0, 11)
+        sampling = kind.__new__(kind)  # only its class is read (sigma_to_half_log_snr)
+        patcher = types.SimpleNamespace(get_model_object=lambda name, sampling=sampling: sampling)
+
+        class Model:  # what a k-diffusion sampler function receives: model(x, sigma) and model.inner_model.model_patcher
+            inner_model = types.SimpleNamespace(model_patcher=patcher)
+
+            def __call__(self, x, sigma, denoiser=denoiser, **extra):
+                return denoiser(x, sigma)
+
+        generator = torch.Generator().manual_seed(3)
+        x = torch.randn((2,) + tuple(MIXTURE.means.shape[1:]), generator=generator) * float(sigmas[0])
+        noises = torch.randn((len(sigmas) - 1,) + tuple(x.shape), generator=generator)
+        stored = [float(s) for s in sigmas[:-1]]
+
+        def noise_sampler(sigma, sigma_next, stored=stored, noises=noises):
+            return noises[min(range(len(stored)), key=lambda i: abs(stored[i] - float(sigma)))]
+
+        for name in ("heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
+            extra = {"noise_sampler": noise_sampler} if "sde" in name else {}
+            stock = getattr(k_sampling, "sample_" + name)(Model(), x.clone(), sigmas, disable=True, **extra)
+            ours = sample_multistep(denoiser, x, sigmas, name, noises=noises, parameterization=parameterization)
+            mismatches[f"{parameterization}_{name}"] = ((stock - ours).abs().max() / stock.abs().max()).item()
+    return mismatches
+
+
+def scenario_samplers(workdir: Path) -> dict:
+    """The second-order and multistep samplers: forward arithmetic against ComfyUI's functions, and end to end
+    (ReNoiseInvert on a karras schedule, then the stock sampler through ReNoiseSampler + SamplerCustom, and
+    KSamplerAdvanced for the deterministic ones)."""
+    results = {"forward_mismatch": forward_mismatches()}
+    cases = {
+        "euler_k1": dict(sampler="euler", renoise_steps=1),
+        "heun_k1": dict(sampler="heun", renoise_steps=1),
+        "dpm_2_k1": dict(sampler="dpm_2", renoise_steps=1),
+        "dpmpp_2m_k1": dict(sampler="dpmpp_2m", renoise_steps=1),
+        "dpmpp_2m_sde_exact": dict(sampler="dpmpp_2m_sde", renoise_steps=1, noise_correction="exact"),
+        "dpmpp_2m_sde_optimize": dict(sampler="dpmpp_2m_sde", renoise_steps=1, noise_correction="optimize"),
+        "dpmpp_2m_sde_none": dict(sampler="dpmpp_2m_sde", renoise_steps=1),
+        "heun_k1_ksampleradvanced": dict(sampler="heun", renoise_steps=1, continue_with="ksampleradvanced"),
+        "dpmpp_2m_k1_ksampleradvanced": dict(sampler="dpmpp_2m", renoise_steps=1, continue_with="ksampleradvanced"),
+    }
+    for name, kwargs in cases.items():
+        CAPTURED.clear()
+        result = run_prompt(analytic_graph(**kwargs, steps=20, scheduler="karras"))
+        result["psnr"] = reconstruction_db(result)
+        results[name] = result
+    return results
+
+
+SCENARIOS = {"samplers": scenario_samplers, "solvers": scenario_solvers,
+             "learned": scenario_learned, "local_edit": scenario_local_edit, "flow": scenario_flow,
              "analytic": scenario_analytic, "checkpoint": scenario_checkpoint, "workflows": scenario_workflows, "files": scenario_files,
              "soak": scenario_soak, "cancel_reference": scenario_cancel_reference}
 

@@ -233,3 +233,25 @@ def test_edit_mask_node_finds_the_region(local_edit):
     print(f"ReNoiseEditMask IoU at defaults: {result['iou']}")
     assert result["shape"] == [2, 128, 128]
     assert min(result["iou"]) >= 0.8, result["iou"]
+
+
+@pytest.fixture(scope="module")
+def samplers(tmp_path_factory) -> dict:
+    return run_scenario("samplers", tmp_path_factory.mktemp("comfy_samplers"))
+
+
+def test_stock_second_order_and_multistep_samplers_match_the_core(samplers):
+    mismatches = samplers["forward_mismatch"]
+    assert len(mismatches) == 10
+    assert all(value < 1e-5 for value in mismatches.values()), mismatches
+
+
+def test_second_order_and_multistep_inversions_reconstruct_with_the_stock_sampler(samplers):
+    euler = ok(samplers["euler_k1"])["psnr"]
+    for name in ("heun_k1", "dpm_2_k1", "dpmpp_2m_k1"):
+        assert ok(samplers[name])["psnr"] > max(40.0, euler - 0.5), (name, samplers[name]["psnr"], euler)
+    assert ok(samplers["dpmpp_2m_sde_exact"])["psnr"] > 60.0
+    assert ok(samplers["dpmpp_2m_sde_optimize"])["psnr"] > ok(samplers["dpmpp_2m_sde_none"])["psnr"]
+    for name in ("heun", "dpmpp_2m"):
+        direct = ok(samplers[f"{name}_k1_ksampleradvanced"])["psnr"]
+        assert direct == pytest.approx(samplers[f"{name}_k1"]["psnr"], abs=0.05), name

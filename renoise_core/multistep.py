@@ -1,0 +1,571 @@
+"""Second-order samplers (heun, dpm_2) and multistep samplers (dpmpp_2m, dpmpp_2m_sde): steps and their inversion.
+
+Units: k-diffusion, as in ``samplers.py``. ``D(x, sigma)`` is the denoiser (predicted x0),
+``d(x, sigma) = (x - D(x, sigma)) / sigma`` ComfyUI's ``to_d`` (the eps prediction ``eps_hat``).
+
+Two step shapes, each written to mirror ComfyUI 0.3.64's ``comfy/k_diffusion/sampling.py`` term by term:
+
+- :class:`TwoStageStep` (heun, dpm_2; ``s_churn = 0``): two model evaluations per step::
+
+      x_mid  = x + stage_dt * d(x, sigma)
+      x_next = x + dt * (w_first * d(x, sigma) + w_second * d(x_mid, sigma_mid))      dt = sigma_next - sigma
+
+  (one evaluation, Euler, where ``sigma_next == 0``, as ComfyUI does).
+- :class:`MultistepStep` (dpmpp_2m, dpmpp_2m_sde): affine in the current prediction AND the previous one::
+
+      x_next = x_coeff * x + denoised_coeff * D(x, sigma) + previous_coeff * D_prev + noise_coeff * noise
+
+  where ``D_prev`` is the prediction the sampler made at the previous (higher) sigma.
+
+Inversion (:func:`invert_multistep`):
+
+- two-stage steps: each step is the fixed point ``x = x_next - dt * (w_first d1(x) + w_second d2(x))`` in its upper
+  point, one map evaluation = two model calls (one on the last step);
+- multistep steps: step ``i`` needs ``D_prev = D(x_{i-1})``, the prediction at the higher point that inversion only
+  reaches later. The trajectory is solved jointly by sweeps: the first sweep (bottom up) replaces ``D_prev`` with
+  the step's own prediction ``D(x_i)`` (a first-order step with the same total weight, exact when ``D`` is constant
+  along the trajectory); every later sweep (bottom up again) writes ``D_prev = x_{i-1} - sigma_{i-1} eps_{i-1}``
+  with ``x_{i-1}`` given linearly by the step above (its eps and its own ``D_prev`` held at the previous sweep's
+  values, see :func:`_coupled`), and starts each step's fixed point from the previous sweep's ``x_i``. A fixed
+  point of the sweeps satisfies every step's equation, so the stock sampler started at the inverted latent
+  retraces the trajectory.
+  Each step's fixed point is solved in eps form, ``x = (x_next + b sigma d(x) - c D_prev - r noise) / (a + b)``
+  (``a, b, c, r`` the coefficients above), the ReNoise map, whose contraction is that of the eps prediction;
+- stochastic steps (dpmpp_2m_sde) replay the stored noises (ComfyUI calls ``noise_sampler(sigma, sigma_next)``
+  once per step and scales it by ``sigma_next * sqrt(-expm1(-2 h eta)) * s_noise``; the stored noise is what
+  ``noise_sampler`` returns). Noise enters each step linearly, so noise correction is a forward pass along the
+  inverted trajectory: at each step the noise is moved toward the one that lands the sampler's own forward point
+  on the inverted trajectory's next point (``exact``: all the way, which reproduces the photo to float rounding).
+
+The per-step solver is pluggable: any ``solve(map_fn, z0, iterations) -> z`` (see :func:`fixed_point`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .inversion import (
+    Denoiser,
+    Inversion,
+    NoiseCorrectionConfig,
+    StepDiagnostics,
+    _check_noises,
+    _seeds_for,
+    check_latent,
+    correct_noise,
+    draw_noises,
+)
+from .samplers import check_sigmas
+
+Solver = Callable[[Callable[[Tensor], Tensor], Tensor, int], Tensor]
+"""``solve(map_fn, z0, iterations) -> z``: approximate the fixed point ``z = map_fn(z)`` with ``iterations``
+evaluations of ``map_fn`` (each costs the step's model calls)."""
+
+
+def fixed_point(map_fn: Callable[[Tensor], Tensor], z0: Tensor, iterations: int) -> Tensor:
+    """Plain fixed-point iteration ``z(k+1) = map_fn(z(k))``; returns the last estimate (``z0`` if none)."""
+    z = z0
+    for _ in range(iterations):
+        z = map_fn(z)
+    return z
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps
+
+
+@dataclass(frozen=True)
+class TwoStageStep:
+    """One heun / dpm_2 step (see the module docstring). Coefficients are Python floats.
+
+    ``w_second == 0`` means a single-evaluation (Euler) step, ComfyUI's rule where ``sigma_next == 0``.
+    """
+
+    sigma: float
+    sigma_mid: float
+    sigma_next: float
+    stage_dt: float
+    w_first: float
+    w_second: float
+
+    @property
+    def dt(self) -> float:
+        return self.sigma_next - self.sigma
+
+    @property
+    def evaluations(self) -> int:
+        """Model calls per step (and per inversion map evaluation)."""
+        return 2 if self.w_second else 1
+
+    def increment(self, x: Tensor, d_first: Tensor, derivative: Callable[[Tensor, float], Tensor]) -> Tensor:
+        """``x_next - x`` given ``d(x, sigma)``; ``derivative(x, sigma) -> d`` makes the second evaluation."""
+        if not self.w_second:
+            return d_first * self.dt
+        d_second = derivative(x + d_first * self.stage_dt, self.sigma_mid)
+        if not self.w_first:
+            return d_second * self.dt
+        return (d_first * self.w_first + d_second * self.w_second) * self.dt
+
+
+def heun_step(sigma: float, sigma_next: float) -> TwoStageStep:
+    """ComfyUI ``sample_heun`` (s_churn = 0): ``x_2 = x + d dt``, ``x + (d + d_2) / 2 * dt``; Euler to sigma 0."""
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+        return TwoStageStep(sigma, sigma_next, sigma_next, dt, 1.0, 0.0)
+    return TwoStageStep(sigma, sigma_next, sigma_next, dt, 0.5, 0.5)
+
+
+def dpm_2_step(sigma: float, sigma_next: float) -> TwoStageStep:
+    """ComfyUI ``sample_dpm_2`` (s_churn = 0): ``sigma_mid = exp(lerp(log sigma, log sigma_next, 0.5))``,
+    ``x_2 = x + d (sigma_mid - sigma)``, ``x + d_2 (sigma_next - sigma)``; Euler to sigma 0."""
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+        return TwoStageStep(sigma, sigma_next, sigma_next, dt, 1.0, 0.0)
+    sigma_mid = math.exp(math.log(sigma) + 0.5 * (math.log(sigma_next) - math.log(sigma)))
+    return TwoStageStep(sigma, sigma_mid, sigma_next, sigma_mid - sigma, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class MultistepStep:
+    """One step ``x_next = x_coeff x + denoised_coeff D(x) + previous_coeff D_prev + noise_coeff noise``."""
+
+    sigma: float
+    sigma_next: float
+    x_coeff: float
+    denoised_coeff: float
+    previous_coeff: float
+    noise_coeff: float
+
+    @property
+    def is_stochastic(self) -> bool:
+        return self.noise_coeff != 0.0
+
+    @property
+    def uses_previous(self) -> bool:
+        return self.previous_coeff != 0.0
+
+    def forward(self, x: Tensor, denoised: Tensor, previous: Tensor | None, noise: Tensor | None) -> Tensor:
+        """The sampler's own step from ``x`` at ``sigma`` to ``sigma_next``."""
+        x_next = self._deterministic(x, denoised, previous)
+        if self.is_stochastic:
+            if noise is None:
+                raise ValueError(f"step {self.sigma:g} -> {self.sigma_next:g} is stochastic and needs a noise")
+            x_next = x_next + noise * self.noise_coeff
+        return x_next
+
+    def _deterministic(self, x: Tensor, denoised: Tensor, previous: Tensor | None) -> Tensor:
+        x_next = x * self.x_coeff + denoised * self.denoised_coeff
+        if self.uses_previous:
+            x_next = x_next + previous * self.previous_coeff
+        return x_next
+
+    def inverse(self, x_next: Tensor, eps_hat: Tensor, previous: Tensor | None, noise: Tensor | None) -> Tensor:
+        """Solve the step for ``x`` given ``x_next``, the eps prediction at ``x`` and ``D_prev`` (eps form:
+        ``x_next = (a + b) x - b sigma eps_hat + c D_prev + r noise``). Exact when ``eps_hat`` is the prediction
+        at the returned point."""
+        x = x_next + eps_hat * (self.denoised_coeff * self.sigma)
+        if self.uses_previous:
+            x = x - previous * self.previous_coeff
+        if self.is_stochastic:
+            x = x - noise * self.noise_coeff
+        return x / (self.x_coeff + self.denoised_coeff)
+
+    def required_noise(self, x: Tensor, x_next: Tensor, denoised: Tensor, previous: Tensor | None) -> Tensor:
+        """The noise that makes the forward step from ``x`` land exactly on ``x_next``."""
+        return (x_next - self._deterministic(x, denoised, previous)) / self.noise_coeff
+
+    def collapsed(self) -> MultistepStep:
+        """The step with ``D_prev`` replaced by ``D(x)`` (the first sweep's step): same total weight on D."""
+        return MultistepStep(self.sigma, self.sigma_next, self.x_coeff, self.denoised_coeff + self.previous_coeff, 0.0, self.noise_coeff)
+
+
+def dpmpp_2m_steps(sigmas: Sequence[float], parameterization: str = "eps") -> list[MultistepStep]:
+    """ComfyUI ``sample_dpmpp_2m`` (the same arithmetic on eps and flow models), ``t = -log sigma``::
+
+        h = t_next - t
+        first step or sigma_next == 0:  x_next = (sigma_next / sigma) x - expm1(-h) D
+        otherwise, r = h_last / h:      x_next = (sigma_next / sigma) x - expm1(-h) ((1 + 1/(2r)) D - 1/(2r) D_prev)
+    """
+    steps = []
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        if sigma_next == 0:
+            steps.append(MultistepStep(sigma, sigma_next, 0.0, 1.0, 0.0, 0.0))  # expm1(-inf) = -1
+            continue
+        h = math.log(sigma) - math.log(sigma_next)
+        first = -math.expm1(-h)
+        if i == 0:
+            steps.append(MultistepStep(sigma, sigma_next, sigma_next / sigma, first, 0.0, 0.0))
+            continue
+        r = (math.log(sigmas[i - 1]) - math.log(sigma)) / h
+        steps.append(MultistepStep(sigma, sigma_next, sigma_next / sigma, first * (1 + 1 / (2 * r)), -first / (2 * r), 0.0))
+    return steps
+
+
+def half_log_snr(sigma: float, parameterization: str) -> float:
+    """ComfyUI ``sigma_to_half_log_snr``: ``-log sigma`` (eps), ``-logit(sigma) = log((1 - sigma) / sigma)`` (flow)."""
+    if parameterization == "flow":
+        return math.log((1.0 - sigma) / sigma)
+    return -math.log(sigma)
+
+
+def dpmpp_2m_sde_steps(
+    sigmas: Sequence[float], parameterization: str = "eps", eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint"
+) -> list[MultistepStep]:
+    """ComfyUI ``sample_dpmpp_2m_sde`` with a given ``noise_sampler``; ``lambda`` is :func:`half_log_snr`::
+
+        h = lambda_next - lambda,  h_eta = h (eta + 1),  alpha_next = sigma_next exp(lambda_next)
+        x_next = sigma_next / sigma exp(-h eta) x + alpha_next (-expm1(-h_eta)) D
+               + [not the first step] midpoint: 0.5 alpha_next (-expm1(-h_eta)) / r (D - D_prev)
+                                       heun:     alpha_next ((-expm1(-h_eta)) / (-h_eta) + 1) / r (D - D_prev)
+               + noise_sampler(sigma, sigma_next) sigma_next sqrt(-expm1(-2 h eta)) s_noise     [eta > 0, s_noise > 0]
+        sigma_next == 0: x_next = D
+
+    with ``r = h_last / h`` (``h_last`` the previous step's ``h``).
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'heun' or 'midpoint', got {solver_type!r}")
+    if parameterization == "flow" and sigmas[0] >= 1.0:
+        raise ValueError(
+            "dpmpp_2m_sde on a flow model moves a first sigma of 1 to an offset that depends on the model's shift; "
+            "invert it with a schedule that starts below 1 (e.g. denoise < 1), or use dpmpp_2m or euler"
+        )
+    steps = []
+    h_last = None
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        if sigma_next == 0:
+            steps.append(MultistepStep(sigma, sigma_next, 0.0, 1.0, 0.0, 0.0))
+            continue
+        lam, lam_next = half_log_snr(sigma, parameterization), half_log_snr(sigma_next, parameterization)
+        h = lam_next - lam
+        h_eta = h * (eta + 1)
+        alpha_next = sigma_next * math.exp(lam_next)
+        x_coeff = sigma_next / sigma * math.exp(-h * eta)
+        denoised_coeff = alpha_next * -math.expm1(-h_eta)
+        previous_coeff = 0.0
+        if h_last is not None:
+            r = h_last / h
+            if solver_type == "heun":
+                correction = alpha_next * (-math.expm1(-h_eta) / (-h_eta) + 1) * (1 / r)
+            else:
+                correction = 0.5 * alpha_next * -math.expm1(-h_eta) * (1 / r)
+            denoised_coeff, previous_coeff = denoised_coeff + correction, -correction
+        noise_coeff = sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise if eta > 0 and s_noise > 0 else 0.0
+        steps.append(MultistepStep(sigma, sigma_next, x_coeff, denoised_coeff, previous_coeff, noise_coeff))
+        h_last = h
+    return steps
+
+
+def _two_stage(step_function):
+    def make(sigmas: Sequence[float], parameterization: str = "eps") -> list[TwoStageStep]:
+        return [step_function(hi, lo) for hi, lo in zip(sigmas[:-1], sigmas[1:])]
+
+    return make
+
+
+def _sde_heun(sigmas, parameterization="eps", eta=1.0, s_noise=1.0):
+    return dpmpp_2m_sde_steps(sigmas, parameterization, eta, s_noise, solver_type="heun")
+
+
+#: ComfyUI sampler name -> ``make(sigmas, parameterization, **options) -> steps``
+MULTISTEP_SAMPLERS: dict[str, Callable[..., list]] = {
+    "heun": _two_stage(heun_step),
+    "dpm_2": _two_stage(dpm_2_step),
+    "dpmpp_2m": dpmpp_2m_steps,
+    "dpmpp_2m_sde": dpmpp_2m_sde_steps,
+    "dpmpp_2m_sde_heun": _sde_heun,
+}
+_OPTIONS = {"dpmpp_2m_sde": frozenset({"eta", "s_noise"}), "dpmpp_2m_sde_heun": frozenset({"eta", "s_noise"})}
+
+#: ComfyUI samplers this package does not invert, and why (shown in errors and the README).
+NOT_INVERTIBLE: dict[str, str] = {
+    "dpmpp_sde": "its noise enters between its two model evaluations (at the midpoint), so the step is not affine in "
+    "one stored noise per step; not implemented yet",
+    "dpm_2_ancestral": "an ancestral two-stage step (noise after a midpoint evaluation); not implemented yet",
+    "dpmpp_2s_ancestral": "an ancestral two-stage step (noise after a midpoint evaluation); not implemented yet",
+    "uni_pc": "its corrector re-evaluates the model at the already-stepped point and the predictor-corrector pair "
+    "spans three steps; not implemented yet",
+    "res_multistep": "a multistep exponential integrator like dpmpp_2m; not implemented yet",
+    "lms": "a 4th-order linear multistep method (four previous predictions per step); not implemented yet",
+    "dpm_fast": "chooses its own step sizes (not the given schedule), so no trajectory exists to invert",
+    "dpm_adaptive": "chooses its own step sizes adaptively (error control), so no trajectory exists to invert",
+}
+
+
+def make_multistep_steps(sampler: str, sigmas: Tensor | Sequence[float], parameterization: str = "eps", **options: float) -> list:
+    """The steps of a second-order or multistep ``sampler`` along a descending ``sigmas`` schedule."""
+    if parameterization not in ("eps", "flow"):
+        raise ValueError(f"parameterization must be 'eps' or 'flow', got {parameterization!r}")
+    if sampler not in MULTISTEP_SAMPLERS:
+        if sampler in NOT_INVERTIBLE:
+            raise ValueError(f"sampler {sampler!r} cannot be inverted by this package: {NOT_INVERTIBLE[sampler]}")
+        raise ValueError(f"unknown sampler {sampler!r}; supported here: {', '.join(MULTISTEP_SAMPLERS)}")
+    unknown = set(options) - _OPTIONS.get(sampler, frozenset())
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} takes no option(s) {sorted(unknown)}")
+    values = check_sigmas(sigmas)
+    if parameterization == "flow" and values[0] > 1.0:
+        raise ValueError(f"flow-model sigmas lie in [0, 1]; the schedule starts at {values[0]:g}")
+    return MULTISTEP_SAMPLERS[sampler](values, parameterization, **options)
+
+
+def is_multistep_sampler(sampler: str) -> bool:
+    return sampler in MULTISTEP_SAMPLERS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling (forward, replaying noises)
+
+
+def sample_multistep(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor | Sequence[float],
+    sampler: str,
+    *,
+    noises: Tensor | None = None,
+    sampler_options: dict[str, float] | None = None,
+    parameterization: str = "eps",
+) -> Tensor:
+    """Run ``sampler`` from ``x`` at ``sigmas[0]`` down the schedule (ComfyUI's arithmetic), replaying ``noises``
+    ``[S, B, C, H, W]`` for stochastic steps. Returns a new tensor."""
+    steps = make_multistep_steps(sampler, sigmas, parameterization, **(sampler_options or {}))
+    stochastic = any(isinstance(s, MultistepStep) and s.is_stochastic for s in steps)
+    if stochastic:
+        if noises is None:
+            raise ValueError(f"sampler {sampler!r} is stochastic: pass the inversion's noises to replay")
+        _check_noises(noises, len(steps), x)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
+    batch = x.shape[0]
+
+    def denoise(z: Tensor, sigma: float) -> Tensor:
+        return denoiser(z, torch.full((batch,), sigma, device=z.device, dtype=dtype)).to(dtype)
+
+    def derivative(z: Tensor, sigma: float) -> Tensor:
+        return (z - denoise(z, sigma)) / sigma
+
+    previous = None
+    for i, step in enumerate(steps):
+        if isinstance(step, TwoStageStep):
+            x = x + step.increment(x, derivative(x, step.sigma), derivative)
+        else:
+            denoised = denoise(x, step.sigma)
+            x = step.forward(x, denoised, previous, noises[i].to(x) if step.is_stochastic else None)
+            previous = denoised
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inversion
+
+
+def planned_multistep_calls(
+    sigmas: Tensor | Sequence[float], sampler: str, *, iterations: int = 1, sweeps: int = 2, sweep_iterations: int | None = 2,
+    noise_correction: NoiseCorrectionConfig | None = None, parameterization: str = "eps", sampler_options=None,
+) -> int:
+    """Denoiser calls :func:`invert_multistep` makes with these settings."""
+    steps = make_multistep_steps(sampler, sigmas, parameterization, **(sampler_options or {}))
+    if isinstance(steps[0], TwoStageStep):
+        return iterations * sum(s.evaluations for s in steps)
+    later = iterations if sweep_iterations is None else sweep_iterations
+    calls = len(steps) * (iterations + (sweeps - 1) * later) if any(s.uses_previous for s in steps) else len(steps) * iterations
+    if noise_correction is not None:
+        calls += _last_stochastic(steps) + 1 if _last_stochastic(steps) >= 0 else 0
+    return calls
+
+
+def _last_stochastic(steps: list) -> int:
+    indices = [i for i, s in enumerate(steps) if isinstance(s, MultistepStep) and s.is_stochastic]
+    return indices[-1] if indices else -1
+
+
+def invert_multistep(
+    denoiser: Denoiser,
+    x0: Tensor,
+    sigmas: Tensor | Sequence[float],
+    sampler: str,
+    *,
+    iterations: int = 1,
+    sweeps: int = 2,
+    sweep_iterations: int | None = 2,
+    seed: int | Sequence[int] = 0,
+    noise_correction: NoiseCorrectionConfig | None = None,
+    parameterization: str = "eps",
+    sampler_options: dict[str, float] | None = None,
+    noises: Tensor | None = None,
+    solver: Solver = fixed_point,
+    keep_trajectory: bool = False,
+    callback: Callable[[int], None] | None = None,
+) -> Inversion:
+    """Invert ``x0`` (the latent at ``sigmas[-1]``) up to ``sigmas[0]`` for heun, dpm_2, dpmpp_2m, dpmpp_2m_sde(_heun).
+
+    iterations: map evaluations per step (first sweep); a heun/dpm_2 evaluation costs 2 model calls.
+    sweeps: trajectory sweeps for samplers whose step uses the previous prediction (dpmpp_2m*); ignored otherwise.
+    sweep_iterations: map evaluations per step in sweeps after the first (default: ``iterations``); each starts
+        from the previous sweep's point.
+    noise_correction: for dpmpp_2m_sde: after the sweeps, one forward pass along the inverted trajectory corrects
+        each stored noise toward the one that lands on the trajectory's next point (one model call per step).
+    solver: ``solve(map_fn, z0, iterations) -> z`` for each step's fixed point (default :func:`fixed_point`).
+    Returns an :class:`Inversion` (``noises[i]`` is what ComfyUI's ``noise_sampler(sigmas[i], sigmas[i+1])`` must
+    return). ``steps`` diagnostics carry the calls per step; their change norms are empty.
+    """
+    sampler_options = dict(sampler_options or {})
+    steps = make_multistep_steps(sampler, sigmas, parameterization, **sampler_options)
+    check_latent(x0)
+    if int(iterations) != iterations or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations}")
+    if int(sweeps) != sweeps or sweeps < 1:
+        raise ValueError(f"sweeps must be an integer >= 1, got {sweeps}")
+    later_iterations = iterations if sweep_iterations is None else sweep_iterations
+    if int(later_iterations) != later_iterations or later_iterations < 1:
+        raise ValueError(f"sweep_iterations must be an integer >= 1, got {sweep_iterations}")
+
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    device = x0.device
+    batch = x0.shape[0]
+    seeds = _seeds_for(seed, batch)
+    if noises is None:
+        noises, _ = draw_noises(x0.shape, len(steps), seeds)
+    else:
+        _check_noises(noises, len(steps), x0)
+    noises = noises.to(device=device, dtype=dtype, copy=True)
+    x0 = x0.to(dtype)
+    calls = [0] * len(steps)
+
+    def denoise(z: Tensor, sigma: float, index: int) -> Tensor:
+        calls[index] += 1
+        if callback is not None:
+            callback(sum(calls))
+        return denoiser(z, torch.full((batch,), sigma, device=device, dtype=dtype)).to(dtype)
+
+    trajectory: list[Tensor] = [x0] * (len(steps) + 1)
+    if isinstance(steps[0], TwoStageStep):
+        below = None  # d at the point just inverted (its own sigma), from the last fixed-point evaluation there
+        for i in reversed(range(len(steps))):
+            evaluate = functools.partial(_denoise_at_step, denoise, i)
+            trajectory[i], below = _invert_two_stage(steps[i], trajectory[i + 1], below, evaluate, solver, iterations)
+    else:
+        coupled = any(s.uses_previous for s in steps)
+        for sweep in range(sweeps if coupled else 1):
+            # Sweeps after the first: the predictions at the previous sweep's points, all made before the sweep,
+            # are each step's D_prev and the first evaluation of its fixed point (no call is repeated).
+            known = [denoise(trajectory[i], s.sigma, i) for i, s in enumerate(steps)] if sweep else None
+            eps_below = None
+            for i in reversed(range(len(steps))):
+                step, x_next = steps[i], trajectory[i + 1]
+                noise = noises[i] if step.is_stochastic else None
+                if sweep == 0:  # D_prev := D(x); start from the step taken with the eps last evaluated below
+                    step, previous, start_denoised, count = step.collapsed(), None, None, iterations
+                    start = x_next if eps_below is None else step.inverse(x_next, eps_below, None, noise)
+                else:
+                    step, previous = _coupled(steps, i, trajectory, known, noises)
+                    start, start_denoised, count = trajectory[i], known[i], later_iterations
+                evaluate = functools.partial(_denoise_at_step, denoise, i)
+                map_fn = _MultistepMap(step, x_next, previous, noise, evaluate, start, start_denoised)
+                trajectory[i] = solver(map_fn, start, count)
+                eps_below = map_fn.last_eps
+        if noise_correction is not None:
+            _correct_noises(steps, trajectory, noises, noise_correction, denoise)
+
+    latent = trajectory[0]
+    if not bool(torch.isfinite(latent).all()):
+        raise FloatingPointError(f"the {sampler} inversion diverged (NaN or Inf); lower the iterations or use euler")
+    empty = torch.zeros((0, batch))
+    diagnostics = tuple(
+        StepDiagnostics(s.sigma, s.sigma_next, calls[i], calls[i], empty, empty) for i, s in enumerate(steps)
+    )
+    return Inversion(
+        latent=latent,
+        noises=noises,
+        sigmas=torch.tensor([s.sigma for s in steps] + [steps[-1].sigma_next], dtype=torch.float64),
+        sampler=sampler,
+        sampler_options=sampler_options,
+        seeds=seeds,
+        steps=diagnostics,
+        trajectory=torch.stack(trajectory) if keep_trajectory else None,
+    )
+
+
+def _coupled(steps: list[MultistepStep], i: int, trajectory: list[Tensor], known: list[Tensor], noises: Tensor):
+    """Step ``i`` of a later sweep with its coupling to the point above taken into account to first order.
+
+    ``D_prev = x_{i-1} - sigma_{i-1} eps_{i-1}`` and step ``i - 1`` gives ``x_{i-1} = x_i / (a' + b') + k`` when its
+    eps and its own ``D_prev`` are held at the last sweep's values. So ``D_prev = g x_i + m`` with ``g = 1 / (a' + b')``:
+    the step becomes ``x_next = (a + c g) x + b D(x) + c m + r noise``, exact in the strong (linear) coupling through
+    ``x_{i-1}``; only the weak couplings through eps and the prediction two steps up are lagged by one sweep.
+    Returns ``(step, m)`` (``m = None`` where the step does not use the previous prediction)."""
+    step = steps[i]
+    if not step.uses_previous:
+        return step, None
+    above = steps[i - 1]
+    eps_above = (trajectory[i - 1] - known[i - 1]) / above.sigma
+    previous_above = known[i - 2] if above.uses_previous else None
+    offset = above.inverse(torch.zeros_like(eps_above), eps_above, previous_above, noises[i - 1] if above.is_stochastic else None)
+    gain = 1.0 / (above.x_coeff + above.denoised_coeff)
+    linear = MultistepStep(step.sigma, step.sigma_next, step.x_coeff + step.previous_coeff * gain, step.denoised_coeff,
+                           step.previous_coeff, step.noise_coeff)
+    return linear, offset - eps_above * above.sigma
+
+
+def _denoise_at_step(denoise, index: int, z: Tensor, sigma: float) -> Tensor:
+    return denoise(z, sigma, index)
+
+
+class _MultistepMap:
+    """The fixed-point map of one multistep step, ``z -> inverse(x_next, d(z), D_prev, noise)`` (one model call;
+    none for ``start`` when its prediction is already known). Keeps the last eps it evaluated."""
+
+    def __init__(self, step: MultistepStep, x_next: Tensor, previous, noise, evaluate, start: Tensor, start_denoised):
+        self.step, self.x_next, self.previous, self.noise = step, x_next, previous, noise
+        self.evaluate, self.start, self.start_denoised = evaluate, start, start_denoised
+        self.last_eps: Tensor | None = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        known = self.start_denoised is not None and z is self.start
+        denoised = self.start_denoised if known else self.evaluate(z, self.step.sigma)
+        self.last_eps = (z - denoised) / self.step.sigma
+        return self.step.inverse(self.x_next, self.last_eps, self.previous, self.noise)
+
+
+def _invert_two_stage(
+    step: TwoStageStep, x_next: Tensor, d_below: Tensor | None, denoise, solver: Solver, iterations: int
+) -> tuple[Tensor, Tensor]:
+    """The fixed point ``x = x_next - increment(x)`` of one heun / dpm_2 step.
+
+    Starts from ``x_next - dt * d_below`` (an Euler step up with the derivative at ``x_next``, known from the step
+    inverted just before; ``x_next`` itself on the first one): no extra call. Returns ``(x, d(x', sigma))`` with
+    ``x'`` the last point the solver evaluated (the next step's ``d_below``).
+    """
+    last = {}
+
+    def derivative(z: Tensor, sigma: float) -> Tensor:
+        return (z - denoise(z, sigma)) / sigma
+
+    def map_fn(z: Tensor) -> Tensor:
+        d_first = derivative(z, step.sigma)
+        last["d"] = d_first
+        return x_next - step.increment(z, d_first, derivative)
+
+    start = x_next if d_below is None else x_next - d_below * step.dt
+    return solver(map_fn, start, iterations), last["d"]
+
+
+def _correct_noises(steps: list[MultistepStep], trajectory: list[Tensor], noises: Tensor, config: NoiseCorrectionConfig, denoise) -> None:
+    """Forward along the inverted trajectory, moving each stochastic step's noise (in place in ``noises``, our copy)
+    toward the one that lands the forward point on ``trajectory[i + 1]``. One model call per step up to the last
+    stochastic one."""
+    x, previous = trajectory[0], None
+    for i in range(_last_stochastic(steps) + 1):
+        step = steps[i]
+        denoised = denoise(x, step.sigma, i)
+        if step.is_stochastic:
+            required = step.required_noise(x, trajectory[i + 1], denoised, previous)
+            noises[i] = correct_noise(noises[i], required, config)
+        x = step.forward(x, denoised, previous, noises[i] if step.is_stochastic else None)
+        previous = denoised

@@ -1,0 +1,228 @@
+"""heun, dpm_2, dpmpp_2m, dpmpp_2m_sde: forward steps against ComfyUI's arithmetic (re-derived below term by term
+from comfy/k_diffusion/sampling.py, 0.3.64), inverse identities, and reconstruction on the exact analytic model."""
+
+import math
+
+import pytest
+import torch
+
+from renoise_core.analytic import GaussianMixture, psnr
+from renoise_core.inversion import NoiseCorrectionConfig
+from renoise_core.multistep import (
+    MULTISTEP_SAMPLERS,
+    NOT_INVERTIBLE,
+    fixed_point,
+    invert_multistep,
+    make_multistep_steps,
+    planned_multistep_calls,
+    sample_multistep,
+)
+from renoise_core.schedules import karras_schedule
+
+CLASSES = [0, 3]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GaussianMixture.random(8, (4, 16, 16), seed=2)
+
+
+@pytest.fixture(scope="module")
+def photo(model):
+    return model.sample(CLASSES, seed=5)
+
+
+def to_d(x, sigma, denoised):
+    return (x - denoised) / sigma
+
+
+def comfy_heun(model, x, sigmas):
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]))
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * x.new_ones([x.shape[0]])))
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def comfy_dpm_2(model, x, sigmas):
+    for i in range(len(sigmas) - 1):
+        d = to_d(x, sigmas[i], model(x, sigmas[i] * x.new_ones([x.shape[0]])))
+        if sigmas[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigmas[i])
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            x_2 = x + d * (sigma_mid - sigmas[i])
+            d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid * x.new_ones([x.shape[0]])))
+            x = x + d_2 * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def comfy_dpmpp_2m(model, x, sigmas):
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]))
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised
+        else:
+            r = (t + sigmas[i - 1].log()) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+def comfy_dpmpp_2m_sde(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, solver_type="midpoint"):
+    old_denoised, h, h_last = None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]))
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            lambda_s, lambda_t = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = lambda_t - lambda_s
+            h_eta = h * (eta + 1)
+            alpha_t = sigmas[i + 1] * lambda_t.exp()
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_t * (-h_eta).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == "heun":
+                    x = x + alpha_t * ((-h_eta).expm1().neg() / (-h_eta) + 1) * (1 / r) * (denoised - old_denoised)
+                else:
+                    x = x + 0.5 * alpha_t * (-h_eta).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        old_denoised = denoised
+        h_last = h
+    return x
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"])
+def test_forward_matches_comfyui_arithmetic(model, sampler):
+    sigmas = karras_schedule(6).double()
+    denoiser = model.denoiser(CLASSES)
+    x = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.float64) * sigmas[0]
+    noises = torch.randn((6, 2, 4, 16, 16), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    index = {float(s): i for i, s in enumerate(sigmas[:-1])}
+    noise_sampler = lambda s, s_next: noises[index[float(s)]]  # noqa: E731
+    reference = {
+        "heun": lambda: comfy_heun(denoiser, x, sigmas),
+        "dpm_2": lambda: comfy_dpm_2(denoiser, x, sigmas),
+        "dpmpp_2m": lambda: comfy_dpmpp_2m(denoiser, x, sigmas),
+        "dpmpp_2m_sde": lambda: comfy_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler),
+        "dpmpp_2m_sde_heun": lambda: comfy_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler, solver_type="heun"),
+    }[sampler]()
+    ours = sample_multistep(denoiser, x, sigmas, sampler, noises=noises)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde"])
+def test_multistep_inverse_undoes_forward(sampler):
+    steps = make_multistep_steps(sampler, karras_schedule(5).double())
+    g = torch.Generator().manual_seed(0)
+    x, denoised, previous, noise = (torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64) for _ in range(4))
+    for step in steps:
+        x_next = step.forward(x, denoised, previous, noise)
+        eps = (x - denoised) / step.sigma
+        torch.testing.assert_close(step.inverse(x_next, eps, previous, noise), x, rtol=1e-12, atol=1e-12)
+        if step.is_stochastic:
+            torch.testing.assert_close(step.required_noise(x, x_next, denoised, previous), noise, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
+def test_two_stage_fixed_point_is_the_upper_point(model, sampler):
+    denoiser = model.denoiser(CLASSES)
+    offset = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = model.sample(CLASSES, seed=3).double() + 2.0 * offset
+    step = make_multistep_steps(sampler, [2.0, 1.0, 0.0])[0]
+
+    def derivative(z, sigma):
+        return (z - denoiser(z, torch.full((2,), sigma, dtype=torch.float64))) / sigma
+
+    x_next = x + step.increment(x, derivative(x, step.sigma), derivative)
+    torch.testing.assert_close(x_next - step.increment(x, derivative(x, step.sigma), derivative), x)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_2m"])
+def test_reconstruction_at_20_karras_steps(model, photo, sampler):
+    denoiser = model.denoiser(CLASSES)
+    sigmas = karras_schedule(20)
+    inversion = invert_multistep(denoiser, photo, sigmas, sampler, iterations=2)
+    assert inversion.denoiser_calls == planned_multistep_calls(sigmas, sampler, iterations=2)
+    reconstruction = sample_multistep(denoiser, inversion.latent, sigmas, sampler)
+    assert psnr(reconstruction, photo).min() > 40
+
+
+def test_dpmpp_2m_sde_noise_correction(model, photo):
+    denoiser = model.denoiser(CLASSES)
+    sigmas = karras_schedule(20)
+    results = {}
+    for mode in (None, "optimize", "exact"):
+        correction = NoiseCorrectionConfig(mode) if mode else None
+        inversion = invert_multistep(denoiser, photo, sigmas, "dpmpp_2m_sde", iterations=2, seed=3, noise_correction=correction)
+        assert inversion.denoiser_calls == planned_multistep_calls(sigmas, "dpmpp_2m_sde", iterations=2, noise_correction=correction)
+        reconstruction = sample_multistep(denoiser, inversion.latent, sigmas, "dpmpp_2m_sde", noises=inversion.noises)
+        results[mode] = psnr(reconstruction, photo).min().item()
+    assert results["exact"] > 60
+    assert results["optimize"] > results[None]
+
+
+def test_inputs_are_not_modified_and_seeded(model, photo):
+    denoiser = model.denoiser(CLASSES)
+    before = photo.clone()
+    a = invert_multistep(denoiser, photo, karras_schedule(4), "dpmpp_2m_sde", seed=9, noise_correction=NoiseCorrectionConfig("optimize"))
+    b = invert_multistep(denoiser, photo, karras_schedule(4), "dpmpp_2m_sde", seed=9, noise_correction=NoiseCorrectionConfig("optimize"))
+    assert torch.equal(photo, before)
+    assert torch.equal(a.latent, b.latent) and torch.equal(a.noises, b.noises)
+
+
+def test_solver_is_pluggable(model, photo):
+    seen = []
+
+    def solver(map_fn, z0, iterations):
+        seen.append(iterations)
+        return fixed_point(map_fn, z0, iterations)
+
+    denoiser = model.denoiser(CLASSES)
+    invert_multistep(denoiser, photo, karras_schedule(3), "dpmpp_2m", iterations=2, sweeps=2, sweep_iterations=1, solver=solver)
+    assert seen == [2, 2, 2, 1, 1, 1]
+
+
+@pytest.mark.parametrize("sampler", sorted(NOT_INVERTIBLE))
+def test_samplers_not_inverted_say_why(sampler):
+    with pytest.raises(ValueError, match="cannot be inverted") as error:
+        make_multistep_steps(sampler, [1.0, 0.0])
+    assert NOT_INVERTIBLE[sampler][:20] in str(error.value)
+
+
+def test_flow_sde_from_sigma_one_is_refused():
+    with pytest.raises(ValueError, match="starts below 1"):
+        make_multistep_steps("dpmpp_2m_sde", [1.0, 0.5, 0.0], "flow")
+
+
+def test_stochastic_sampling_needs_noises(model, photo):
+    with pytest.raises(ValueError, match="stochastic"):
+        sample_multistep(model.denoiser(CLASSES), photo, karras_schedule(3), "dpmpp_2m_sde")
+
+
+def test_karras_schedule_is_comfyuis():
+    sigmas = karras_schedule(20)
+    assert len(sigmas) == 21 and sigmas[-1] == 0
+    assert math.isclose(sigmas[0].item(), 14.6146, rel_tol=1e-6) and math.isclose(sigmas[-2].item(), 0.0292, rel_tol=1e-5)
+    assert set(MULTISTEP_SAMPLERS) >= {"heun", "dpmpp_2m", "dpmpp_2m_sde"}
+
+
+def test_dpmpp_2m_sweeps_converge_toward_the_joint_solution(model, photo):
+    denoiser = model.denoiser(CLASSES)
+    sigmas = karras_schedule(20)
+    db = []
+    for sweeps in (1, 2, 3):
+        inversion = invert_multistep(denoiser, photo, sigmas, "dpmpp_2m", iterations=1, sweeps=sweeps, sweep_iterations=2)
+        db.append(psnr(sample_multistep(denoiser, inversion.latent, sigmas, "dpmpp_2m"), photo).min().item())
+    assert db[1] > db[0] + 3 and db[2] > db[1] + 3, db
