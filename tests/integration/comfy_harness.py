@@ -396,6 +396,7 @@ def scenario_analytic(workdir: Path) -> dict:
         "ea_k9_none": dict(sampler="euler_ancestral", renoise_steps=9),
         "ea_k9_exact": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="exact"),
         "ea_turbo_defaults": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True),
+        "ea_k0": dict(sampler="euler_ancestral", renoise_steps=0),
         "ea_k9_exact_cfg3": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="exact", cfg=3.0),
         "ddpm_k9_exact": dict(sampler="ddpm", renoise_steps=9, noise_correction="exact"),
         "lcm_patched_exact": dict(sampler="lcm", renoise_steps=9, noise_correction="exact", patch="lcm"),
@@ -1145,7 +1146,8 @@ def scenario_samplers(workdir: Path) -> dict:
     KSamplerAdvanced for the deterministic ones)."""
     results = {"forward_mismatch": forward_mismatches()}
     cases = {
-        "euler_k1": dict(sampler="euler", renoise_steps=1),
+        "euler_k1": dict(sampler="euler", renoise_steps=1, solver="fixed_point"),  # the paper's loop, like the others' solves
+        "euler_k1_anderson": dict(sampler="euler", renoise_steps=1, solver="anderson"),
         "heun_k1": dict(sampler="heun", renoise_steps=1),
         "dpm_2_k1": dict(sampler="dpm_2", renoise_steps=1),
         "dpmpp_2m_k1": dict(sampler="dpmpp_2m", renoise_steps=1),

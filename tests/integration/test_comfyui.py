@@ -75,7 +75,11 @@ def test_exact_noise_correction_reconstructs_euler_ancestral(analytic):
 
 
 def test_turbo_defaults_run(analytic):
-    assert ok(analytic["ea_turbo_defaults"])["psnr"] > analytic["euler_k0_ksampleradvanced"]["psnr"]
+    """The Turbo defaults (edit losses, noise correction optimize, the accelerated solver) against plain reversal of
+    the same sampler: the paper's ablation (its Table 2, first row against last). Not against a deterministic
+    sampler's plain reversal, which reconstructs better on this model: edit losses trade reconstruction for
+    editability, and ancestral noise costs reconstruction that only exact correction buys back."""
+    assert ok(analytic["ea_turbo_defaults"])["psnr"] > ok(analytic["ea_k0"])["psnr"] + 1.0
 
 
 def test_cfg_above_one_during_inversion_is_consistent(analytic):
@@ -247,7 +251,10 @@ def test_stock_second_order_and_multistep_samplers_match_the_core(samplers):
 
 
 def test_second_order_and_multistep_inversions_reconstruct_with_the_stock_sampler(samplers):
+    """Against euler solved by the paper's loop (plain iteration, as heun, dpm_2 and dpmpp_2m solve theirs); euler
+    with the accelerated solver is far ahead of all of them (reported in ``euler_k1_anderson``)."""
     euler = ok(samplers["euler_k1"])["psnr"]
+    assert ok(samplers["euler_k1_anderson"])["psnr"] > euler
     for name in ("heun_k1", "dpm_2_k1", "dpmpp_2m_k1"):
         assert ok(samplers[name])["psnr"] > max(40.0, euler - 0.5), (name, samplers[name]["psnr"], euler)
     assert ok(samplers["dpmpp_2m_sde_exact"])["psnr"] > 60.0
