@@ -48,8 +48,18 @@ INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun"
 STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 1000
-#: what ReNoiseInvert uses with its `solver` input unconnected (chosen by measurement: README, "Benchmarks")
+#: ReNoiseSolver's defaults, and what ReNoiseInvert uses with its `solver` input unconnected for deterministic samplers
 DEFAULT_SOLVER = SolverSettings()
+#: ... and for the stochastic ones. Measured per latent (README, "Benchmarks"; scripts/solver_per_latent.py): with
+#: euler and ddim anderson is better on every latent (+26 to +126 dB at K = 2 and 9); with euler_ancestral or lcm and
+#: noise correction it wins on average but loses up to 9 dB on some latents, and with the Turbo defaults' edit
+#: losses it gains nothing (median +0.5 dB) and loses up to 7 dB on 3 or 4 latents in 16. So these keep the paper's loop.
+DEFAULT_STOCHASTIC_SOLVER = SolverSettings(method="fixed_point")
+
+
+def default_solver(sampler_name: str) -> SolverSettings:
+    """ReNoiseInvert's solver when its `solver` input is unconnected."""
+    return DEFAULT_STOCHASTIC_SOLVER if sampler_name in STOCHASTIC_SAMPLERS else DEFAULT_SOLVER
 
 
 class ReNoiseInvert:
@@ -92,7 +102,7 @@ class ReNoiseInvert:
                          "tooltip": "Seed of the per-step noises (stochastic samplers) and the edit-loss reference noise."}),
             },
             "optional": {
-                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson, the accelerated solver, at its measured defaults. heun, dpm_2 and dpmpp_2m* ignore it (they have their own solver)."}),
+                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson (accelerated) for euler and ddim; the paper's loop for euler_ancestral, lcm and ddpm, where anderson was measured to lose on some images. heun, dpm_2 and dpmpp_2m* ignore it (they have their own solver)."}),
                 "edit_loss": (EDIT_LOSS_TYPE, {"tooltip": "Editability losses (EditLossConfig node). Unconnected: none."}),
                 "noise_correction": (NOISE_CORRECTION_TYPE, {"tooltip": "Noise correction for stochastic samplers (NoiseCorrection node)."}),
                 "sigmas": ("SIGMAS", {"tooltip": "A custom schedule; overrides scheduler, steps and denoise."}),
@@ -111,7 +121,7 @@ class ReNoiseInvert:
 
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, renoise_steps, seed,
                solver=None, edit_loss=None, noise_correction=None, sigmas=None, eta=1.0, s_noise=1.0):
-        solver = DEFAULT_SOLVER if solver is None else solver
+        solver = default_solver(sampler_name) if solver is None else solver
         if not isinstance(solver, SolverSettings):
             raise ValueError("ReNoiseInvert: the `solver` input takes a ReNoiseSolver node.")
         _check_s_noise(s_noise)
@@ -402,8 +412,9 @@ class ReNoiseSolver:
     DESCRIPTION = (
         "How ReNoiseInvert solves each inversion step: anderson (accelerated: the paper's reconstruction with a third "
         "of the model calls, or far better at the same calls) or fixed_point (the paper's renoising loop, exactly as "
-        "the reference release runs it). Connect to ReNoiseInvert's `solver` input; unconnected means anderson with "
-        "these defaults."
+        "the reference release runs it). Connect to ReNoiseInvert's `solver` input. Unconnected, ReNoiseInvert uses "
+        "anderson with these defaults for euler and ddim, and fixed_point for euler_ancestral, lcm and ddpm (measured: "
+        "with noise correction anderson wins on average there but loses on some images)."
     )
     CATEGORY = CATEGORY
     FUNCTION = "build"

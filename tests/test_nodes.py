@@ -1,6 +1,7 @@
 """Node classes through the bridge, with the fake bridge (no ComfyUI): types, validation, no mutation, errors."""
 
 import copy
+import dataclasses
 
 import fake_comfy
 import pytest
@@ -8,7 +9,7 @@ import torch
 from fake_comfy import FakeModel, conditioning
 from renoise_pack import nodes as pack_nodes
 from renoise_pack.nodes import host
-from renoise_pack.nodes.inversion_data import InversionData
+from renoise_pack.nodes.inversion_data import InversionData, SolverSettings
 from renoise_pack.renoise_core import EditLossConfig as EditLossSettings
 from renoise_pack.renoise_core import NoiseCorrectionConfig as NoiseCorrectionSettings
 
@@ -261,6 +262,10 @@ def test_solver_node_and_default(graph):
     assert default_inversion.settings["solver"]["method"] == "anderson"
     assert default_inversion.settings == accelerated_inversion.settings != paper_inversion.settings
     assert default_inversion.denoiser_calls == paper_inversion.denoiser_calls == 12  # K = 2: 3 calls on each of 4 steps
+    for stochastic in ("euler_ancestral", "lcm", "ddpm"):  # unconnected: the paper's loop (measured per latent)
+        _, inversion, _ = invert(graph, sampler_name=stochastic, renoise_steps=1)
+        assert inversion.settings["solver"] == dataclasses.asdict(SolverSettings(method="fixed_point")), stochastic
+    assert "the paper's loop for euler_ancestral, lcm and ddpm" in NODES["ReNoiseInvert"].INPUT_TYPES()["optional"]["solver"][1]["tooltip"]
     with pytest.raises(ValueError, match="method must be one of"):
         NODES["ReNoiseSolver"]().build("newton", 3, 8, 250, 4, 0, 0.0)
     with pytest.raises(ValueError, match="takes a ReNoiseSolver node"):

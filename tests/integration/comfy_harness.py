@@ -800,7 +800,8 @@ def scenario_solvers(workdir: Path) -> dict:
         "ea_optimize_paper_k9": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", solver="fixed_point"),
         "ea_optimize_anderson_k9": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", solver="anderson"),
         "lcm_optimize_anderson_k9": dict(sampler="lcm", renoise_steps=9, noise_correction="optimize", solver="anderson", patch="lcm"),
-        "turbo_defaults_anderson": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True),
+        # the Turbo defaults, solver unconnected (fixed_point for euler_ancestral)
+        "turbo_defaults": dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True),
     }
     results = {}
     for name, kwargs in cases.items():

@@ -75,7 +75,7 @@ def test_exact_noise_correction_reconstructs_euler_ancestral(analytic):
 
 
 def test_turbo_defaults_run(analytic):
-    """The Turbo defaults (edit losses, noise correction optimize, the accelerated solver) against plain reversal of
+    """The Turbo defaults (edit losses, noise correction optimize, solver unconnected) against plain reversal of
     the same sampler: the paper's ablation (its Table 2, first row against last). Not against a deterministic
     sampler's plain reversal, which reconstructs better on this model: edit losses trade reconstruction for
     editability, and ancestral noise costs reconstruction that only exact correction buys back."""
@@ -198,7 +198,7 @@ def test_accelerated_solver_through_the_real_host(solvers):
     assert inversion_calls(flow_paper) == inversion_calls(flow_fast) == 40
     assert flow_fast["psnr"] >= flow_paper["psnr"] + 10.0, (flow_fast["psnr"], flow_paper["psnr"])
     assert math.isfinite(ok(solvers["lcm_optimize_anderson_k9"])["psnr"])
-    assert inversion_calls(ok(solvers["turbo_defaults_anderson"])) == 38
+    assert inversion_calls(ok(solvers["turbo_defaults"])) == 38
 
 
 def test_learned_denoiser_as_a_comfyui_model(tmp_path):
