@@ -12,6 +12,8 @@ The schedule is ComfyUI's ``simple`` with 4 steps on the SD sigma table (timeste
    +edit losses, +noise correction; and, for reference, exact noise correction (Eq. 4).
 3. The solvers (``bench_solvers.py``): the paper's loop against the accelerated solver, PSNR against calls on the
    isotropic, spectral, spectral-flow and learned models; and adaptive stopping with both.
+4. The samplers (``sampler_bench.py``): every sampler ReNoiseInvert inverts, reconstruction against inversion
+   calls at 20 karras steps on the spectral model.
 
 Prints tables and writes ``bench.png``, ``solvers.png`` and ``bench.md`` to ``--out``.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from . import bench_solvers
+from . import bench_solvers, sampler_bench
 from .analytic import GaussianMixture, psnr
 from .edit_losses import EditLossConfig
 from .inversion import NoiseCorrectionConfig, ReNoiseConfig, invert, sample
@@ -111,6 +113,7 @@ def run(out: Path) -> str:
 
     solver_lines, solver_curves = bench_solvers.solver_report()
     lines += [""] + solver_lines + [""] + bench_solvers.tolerance_report()
+    lines += [""] + sampler_bench.report()
     lines += ["", f"Run time: {time.perf_counter() - started:.1f} s on {torch.get_num_threads()} CPU threads."]
 
     out.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,11 @@
 
 Each row inverts the same latents with one sampler and one setting, samples them back with the same sampler (and,
 for stochastic ones, the stored noises) and reports the mean PSNR against the original and the calls the inversion
-made. The model is a parameter (anything with ``denoiser(classes)`` and ``sample(classes, seed)``, such as
-``analytic.GaussianMixture``); the default schedule is ComfyUI's ``karras`` for SD1.5 (sigma_min 0.0292,
-sigma_max 14.6146, rho 7) with 20 steps.
+made. The model is a parameter (anything with ``denoiser(classes)`` and ``sample(classes, seed)``): the command
+uses the spectral mixture (``--model spectral``, components sharing a natural-image spectrum) or the isotropic one;
+the default schedule is ComfyUI's ``karras`` for SD1.5 (sigma_min 0.0292, sigma_max 14.6146, rho 7) with 20 steps.
+euler appears with both solvers: the paper's loop (the same kind of plain iteration the multistep solvers use) and
+anderson (what ReNoiseInvert uses for euler).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .analytic import GaussianMixture, psnr
+from .analytic import GaussianMixture, SpectralMixture, psnr
 from .inversion import NoiseCorrectionConfig, ReNoiseConfig, invert, sample
 from .multistep import invert_multistep, sample_multistep
 from .schedules import karras_schedule
@@ -35,7 +37,8 @@ def _row(model, x0, sigmas, sampler, setting, **kwargs) -> Row:
     denoiser = model.denoiser(CLASSES)
     if sampler in ("euler", "euler_ancestral"):
         k = kwargs["evaluations"] - 1
-        config = ReNoiseConfig(renoise_steps=k, average_start=k, noise_correction=kwargs.get("noise_correction"))
+        config = ReNoiseConfig(renoise_steps=k, average_start=k, noise_correction=kwargs.get("noise_correction"),
+                               solver=kwargs.get("solver", "fixed_point"))
         inversion = invert(denoiser, x0, sigmas, sampler, config=config, seed=SEED)
         reconstruction = sample(denoiser, inversion.latent, sigmas, sampler, noises=inversion.noises)
     else:
@@ -49,8 +52,9 @@ def sampler_table(model, sigmas: Tensor | None = None, quick: bool = False) -> l
     sigmas = karras_schedule(20) if sigmas is None else sigmas
     x0 = model.sample(CLASSES, seed=1)
     rows = []
-    for evaluations in (1, 2) if quick else (1, 2, 3, 4, 5):
-        rows.append(_row(model, x0, sigmas, "euler", f"K={evaluations - 1}", evaluations=evaluations))
+    for solver in ("fixed_point", "anderson"):
+        for evaluations in (1, 2) if quick else (1, 2, 3, 4, 5):
+            rows.append(_row(model, x0, sigmas, "euler", f"{solver} K={evaluations - 1}", evaluations=evaluations, solver=solver))
     for sampler in ("heun",) if quick else ("heun", "dpm_2"):
         for iterations in (1, 2) if quick else (1, 2, 3):
             rows.append(_row(model, x0, sigmas, sampler, f"iterations={iterations}", iterations=iterations))
@@ -70,12 +74,27 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def spectral_model() -> SpectralMixture:
+    """The bench's spectral mixture (the same as ``bench_solvers``'s)."""
+    return SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0)
+
+
+def report(steps: int = 20) -> list[str]:
+    """The markdown section ``./dev bench`` prints: every sampler on the spectral model, ``steps`` karras steps."""
+    title = f"## Samplers: reconstruction against inversion calls, {steps} karras steps (SD1.5 sigmas), spectral model"
+    return [title, "", markdown(sampler_table(spectral_model(), karras_schedule(steps)))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", choices=("spectral", "isotropic"), default="spectral")
     args = parser.parse_args()
-    model = GaussianMixture.random(16, (4, 32, 32), seed=0)
+    if args.model == "spectral":
+        model = spectral_model()
+    else:
+        model = GaussianMixture.random(16, (4, 32, 32), seed=0)
     print(markdown(sampler_table(model, karras_schedule(args.steps), quick=args.quick)))
 
 
