@@ -24,7 +24,13 @@ from ..renoise_core import (
 )
 from ..renoise_core.inversion import NOISE_CORRECTION_MODES
 from ..renoise_core.local_edit import keep_outside_mask, latent_mask
-from ..renoise_core.multistep import invert_multistep, is_multistep_sampler, make_multistep_steps, planned_multistep_calls
+from ..renoise_core.multistep import (
+    NOT_INVERTIBLE,
+    invert_multistep,
+    is_multistep_sampler,
+    make_multistep_steps,
+    planned_multistep_calls,
+)
 from ..renoise_core.solvers import SOLVERS
 from . import host
 from .inversion_data import (
@@ -51,9 +57,10 @@ MAX_STEPS = 1000
 #: ReNoiseSolver's defaults, and what ReNoiseInvert uses with its `solver` input unconnected for deterministic samplers
 DEFAULT_SOLVER = SolverSettings()
 #: ... and for the stochastic ones. Measured per latent (README, "Benchmarks"; scripts/solver_per_latent.py): with
-#: euler and ddim anderson is better on every latent (+26 to +126 dB at K = 2 and 9); with euler_ancestral or lcm and
-#: noise correction it wins on average but loses up to 9 dB on some latents, and with the Turbo defaults' edit
-#: losses it gains nothing (median +0.5 dB) and loses up to 7 dB on 3 or 4 latents in 16. So these keep the paper's loop.
+#: euler and ddim anderson is better on every latent (by 16 dB or more at K = 2 and 9, on the spectral, isotropic,
+#: learned and flow models); with euler_ancestral or lcm and noise correction it wins on average but loses 5 to 14 dB
+#: on some latents, and with the Turbo defaults' edit losses it gains nothing (median +0.5 dB) and loses up to 7 dB on
+#: 3 or 4 latents in 16. So these keep the paper's loop.
 DEFAULT_STOCHASTIC_SOLVER = SolverSettings(method="fixed_point")
 
 
@@ -250,7 +257,8 @@ def _prepare(node, model, positive, negative, latent_image, sampler_name, allowe
     model_sampling = bridge.model_sampling_kind(model)
     parameterization = parameterization_of(model_sampling)
     if sampler_name not in allowed:
-        raise ValueError(f"{node}: sampler_name must be one of {allowed}, got {sampler_name!r}")
+        reason = f" ({sampler_name} cannot be inverted: {NOT_INVERTIBLE[sampler_name]})" if sampler_name in NOT_INVERTIBLE else ""
+        raise ValueError(f"{node}: sampler_name must be one of {allowed}, got {sampler_name!r}{reason}")
     if parameterization == "flow" and sampler_name == "ddpm":
         raise ValueError(f"{node}: ddpm works in DDPM units, which flow models (SD3, Flux) do not have; use euler_ancestral or lcm.")
     samples = _latent_samples(latent_image, node)
@@ -341,7 +349,7 @@ class ReNoiseSampler:
             steps = make(inversion.sampler_name, schedule, inversion.parameterization, **inversion.sampler_options)
             if start == 0 and inversion.start_latent is not None:  # flow model at sigma 1: ComfyUI zeroed the latent
                 x = inversion.start_latent.to(x)
-            return x, noise_replay(inversion, start, x) if any(getattr(step, "is_stochastic", False) for step in steps) else None
+            return x, noise_replay(inversion, start, x) if any(step.is_stochastic for step in steps) else None
 
         if adjust_prediction is None:
             return (host.bridge().replaying_sampler(inversion.sampler_name, dict(inversion.sampler_options), prepare_run),)

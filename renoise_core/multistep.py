@@ -99,6 +99,11 @@ class TwoStageStep:
         return self.sigma_next - self.sigma
 
     @property
+    def is_stochastic(self) -> bool:
+        """heun and dpm_2 (s_churn = 0) add no noise."""
+        return False
+
+    @property
     def evaluations(self) -> int:
         """Model calls per step (and per inversion map evaluation)."""
         return 2 if self.w_second else 1

@@ -33,17 +33,20 @@ class Row:
     psnr_db: float
 
 
-def _row(model, x0, sigmas, sampler, setting, **kwargs) -> Row:
+def _euler_row(model, x0, sigmas, solver: str, k: int) -> Row:
+    """euler with K renoising iterations (no averaging: the last estimate, like the multistep solvers)."""
     denoiser = model.denoiser(CLASSES)
-    if sampler in ("euler", "euler_ancestral"):
-        k = kwargs["evaluations"] - 1
-        config = ReNoiseConfig(renoise_steps=k, average_start=k, noise_correction=kwargs.get("noise_correction"),
-                               solver=kwargs.get("solver", "fixed_point"))
-        inversion = invert(denoiser, x0, sigmas, sampler, config=config, seed=SEED)
-        reconstruction = sample(denoiser, inversion.latent, sigmas, sampler, noises=inversion.noises)
-    else:
-        inversion = invert_multistep(denoiser, x0, sigmas, sampler, seed=SEED, **kwargs)
-        reconstruction = sample_multistep(denoiser, inversion.latent, sigmas, sampler, noises=inversion.noises)
+    config = ReNoiseConfig(renoise_steps=k, average_start=k, solver=solver)
+    inversion = invert(denoiser, x0, sigmas, "euler", config=config, seed=SEED)
+    reconstruction = sample(denoiser, inversion.latent, sigmas, "euler")
+    return Row("euler", f"{solver} K={k}", inversion.denoiser_calls, psnr(reconstruction, x0).mean().item())
+
+
+def _row(model, x0, sigmas, sampler, setting, **settings) -> Row:
+    """A :mod:`multistep` sampler with ``invert_multistep``'s ``settings``."""
+    denoiser = model.denoiser(CLASSES)
+    inversion = invert_multistep(denoiser, x0, sigmas, sampler, seed=SEED, **settings)
+    reconstruction = sample_multistep(denoiser, inversion.latent, sigmas, sampler, noises=inversion.noises)
     return Row(sampler, setting, inversion.denoiser_calls, psnr(reconstruction, x0).mean().item())
 
 
@@ -53,8 +56,8 @@ def sampler_table(model, sigmas: Tensor | None = None, quick: bool = False) -> l
     x0 = model.sample(CLASSES, seed=1)
     rows = []
     for solver in ("fixed_point", "anderson"):
-        for evaluations in (1, 2) if quick else (1, 2, 3, 4, 5):
-            rows.append(_row(model, x0, sigmas, "euler", f"{solver} K={evaluations - 1}", evaluations=evaluations, solver=solver))
+        for k in (0, 1) if quick else (0, 1, 2, 3, 4):
+            rows.append(_euler_row(model, x0, sigmas, solver, k))
     for sampler in ("heun",) if quick else ("heun", "dpm_2"):
         for iterations in (1, 2) if quick else (1, 2, 3):
             rows.append(_row(model, x0, sigmas, sampler, f"iterations={iterations}", iterations=iterations))

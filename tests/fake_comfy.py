@@ -138,7 +138,7 @@ class FakeSampler:
         if is_multistep_sampler(self.sampler_name):  # heun, dpm_2, dpmpp_2m*: one noise_sampler call per stochastic step
             parameterization = "flow" if flow else "eps"
             steps = make_multistep_steps(self.sampler_name, sigmas, parameterization, **self.options)
-            stochastic = [getattr(s, "is_stochastic", False) for s in steps]
+            stochastic = [s.is_stochastic for s in steps]
             noises = torch.stack([noise_sampler(torch.tensor(s.sigma), torch.tensor(s.sigma_next)) if asks else torch.zeros_like(x)
                                   for s, asks in zip(steps, stochastic)])
             x = sample_multistep(denoiser, x, sigmas, self.sampler_name, noises=noises, sampler_options=self.options,

@@ -144,7 +144,7 @@ def test_cancel_then_run_again_is_clean(graph):
         (dict(denoise=0.0), "denoise must be in"),
         (dict(steps=0), "steps must be between 1 and 1000"),
         (dict(steps=100000), "steps must be between 1 and 1000"),
-        (dict(sampler_name="dpmpp_sde"), "sampler_name must be one of"),
+        (dict(sampler_name="dpmpp_sde"), "sampler_name must be one of.*dpmpp_sde cannot be inverted: its noise enters"),
         (dict(sigmas=torch.tensor([0.5, 1.0, 0.0])), "bad schedule.*strictly descending"),
         (dict(sigmas=torch.tensor([1.0])), "bad schedule.*at least 2"),
         (dict(renoise_steps=-1), "renoise_steps"),
