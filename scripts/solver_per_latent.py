@@ -1,9 +1,10 @@
 """Per-latent comparison of the two solvers, where the bench reports means over 4 latents.
 
 16 latents (one per class) of the bench's spectral and isotropic mixtures, 4 steps of SD's ``simple`` schedule,
-the reference's first-step rule. For each sampler setting and K: the median PSNR of each solver and how many
-latents anderson wins or loses by more than 1 dB. This is the measurement behind ReNoiseInvert's unconnected
-solver (anderson for euler and ddim, the paper's loop for the stochastic samplers). About 3 minutes on 2 cores:
+the reference's first-step rule; and euler on the shipped learned network and the spectral flow model. For each
+sampler setting and K: the median PSNR of each solver and how many latents anderson wins or loses by more than
+1 dB. This is the measurement behind ReNoiseInvert's unconnected solver (anderson for euler and ddim, the paper's
+loop for the stochastic samplers). About 35 seconds on 2 cores:
 
     python scripts/solver_per_latent.py
 """
@@ -18,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from renoise_core.analytic import GaussianMixture, SpectralMixture, psnr  # noqa: E402
 from renoise_core.edit_losses import EditLossConfig  # noqa: E402
 from renoise_core.inversion import NoiseCorrectionConfig, ReNoiseConfig, invert, sample  # noqa: E402
-from renoise_core.schedules import sd_discrete_sigmas, sigma_at_timestep, simple_schedule  # noqa: E402
+from renoise_core.learned import load_learned_denoiser  # noqa: E402
+from renoise_core.schedules import flow_simple_schedule, sd_discrete_sigmas, sigma_at_timestep, simple_schedule  # noqa: E402
 
 CLASSES = list(range(16))
 OPTIMIZE = NoiseCorrectionConfig("optimize")
@@ -31,11 +33,26 @@ SETTINGS = [
 ]
 
 
+def compare(model: str, label: str, denoiser, x0, sigmas, sampler: str, k: int, early_below_sigma, parameterization="eps",
+            correction=None, edit_loss=None) -> None:
+    """Print one table row: both solvers on the same latents, same seeds and calls."""
+    db = {}
+    for solver in ("fixed_point", "anderson"):
+        config = ReNoiseConfig(renoise_steps=k, solver=solver, early_below_sigma=early_below_sigma, edit_loss=edit_loss,
+                               noise_correction=correction)
+        inversion = invert(denoiser, x0, sigmas, sampler, config=config, seed=0, parameterization=parameterization)
+        out = sample(denoiser, inversion.latent, sigmas, sampler, noises=inversion.noises, parameterization=parameterization)
+        db[solver] = psnr(out, x0)
+    gain = db["anderson"] - db["fixed_point"]
+    print(f"| {model} | {label} | {k} | {db['fixed_point'].median():.1f} | {db['anderson'].median():.1f} | "
+          f"{int((gain > 1).sum())}/16 | {int((gain < -1).sum())}/16 | {gain.min():+.1f} |", flush=True)
+
+
 def main() -> None:
     training_sigmas = sd_discrete_sigmas()
     sigmas, early = simple_schedule(training_sigmas, 4), sigma_at_timestep(training_sigmas, 250)
-    models = {"spectral": SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0),
-              "isotropic": GaussianMixture.random(components=16, shape=(4, 32, 32), std=1.0, seed=0)}
+    spectral = SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0)
+    models = {"spectral": spectral, "isotropic": GaussianMixture.random(components=16, shape=(4, 32, 32), std=1.0, seed=0)}
     print("| model | sampler | K | median fixed_point | median anderson | anderson +1 dB | anderson -1 dB | worst |")
     print("|---|---|---|---|---|---|---|---|")
     for name, mixture in models.items():
@@ -45,15 +62,15 @@ def main() -> None:
             denoiser = mixture.consistency_denoiser(CLASSES, substeps=6) if consistency else mixture.denoiser(CLASSES)
             label = sampler + (" + optimize" if correction else "") + (" + edit losses" if edit_loss else "")
             for k in ks:
-                db = {}
-                for solver in ("fixed_point", "anderson"):
-                    config = ReNoiseConfig(renoise_steps=k, solver=solver, early_below_sigma=early, edit_loss=edit_loss,
-                                           noise_correction=correction)
-                    inversion = invert(denoiser, x0, sigmas, sampler, config=config, seed=0)
-                    db[solver] = psnr(sample(denoiser, inversion.latent, sigmas, sampler, noises=inversion.noises), x0)
-                gain = db["anderson"] - db["fixed_point"]
-                print(f"| {name} | {label} | {k} | {db['fixed_point'].median():.1f} | {db['anderson'].median():.1f} | "
-                      f"{int((gain > 1).sum())}/16 | {int((gain < -1).sum())}/16 | {gain.min():+.1f} |", flush=True)
+                compare(name, label, denoiser, x0, sigmas, sampler, k, early, correction=correction, edit_loss=edit_loss)
+    # euler, the sampler anderson is the default for, also on the trained network and the flow model
+    learned, x0 = load_learned_denoiser().denoiser(CLASSES), spectral.sample(CLASSES, seed=1)
+    flow = SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0, parameterization="flow")
+    for k in (2, 9):
+        compare("learned", "euler", learned, x0, sigmas, "euler", k, early)
+    for k in (2, 9):
+        compare("spectral-flow (shift 3)", "euler", flow.denoiser(CLASSES), flow.sample(CLASSES, seed=1),
+                flow_simple_schedule(4, shift=3.0), "euler", k, None, parameterization="flow")
 
 
 if __name__ == "__main__":
