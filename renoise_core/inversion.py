@@ -11,7 +11,8 @@ One inversion step, from the known lower point ``x_next`` up to ``x``, solves th
 - ``fixed_point`` (paper, Algorithm 1): ``z(0) = x_next``, ``z(k+1) = G(z(k))``; edit losses on the predictions of
   the averaging window; ``x = inverse_step(x_next, edit(mean of the window's raw predictions))``.
 - ``anderson``: the same fixed point (with edit losses, of the regularised map) solved by safeguarded Anderson
-  acceleration, warm-started from the step below's prediction.
+  acceleration, warm-started from the step below's prediction (where noise correction ran, the prediction it made
+  at the step's lower point).
 
 Then, for stochastic samplers, the step's noise is corrected so that the forward step from x lands on x_next.
 """
@@ -297,8 +298,11 @@ def invert(
         x, warm_start = solution.latent, solution.prediction
 
         if config.noise_correction is not None and step.is_stochastic:
-            required = step.required_noise(x, x_next, eps_hat(x, step.sigma, sigma_batch))
+            eps_at_x = eps_hat(x, step.sigma, sigma_batch)
+            required = step.required_noise(x, x_next, eps_at_x)
             noises[i] = correct_noise(noise, required, config.noise_correction)
+            if edit is None:  # the next step's map is unregularised: its warm start can be the prediction at its
+                warm_start = eps_at_x  # lower point itself, already paid for (with edit losses it stays regularised)
 
         diagnostics[i] = StepDiagnostics(
             sigma=step.sigma,

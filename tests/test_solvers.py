@@ -189,3 +189,53 @@ def test_paper_loop_on_the_shorter_schedule_is_unchanged_by_the_solver_field(mix
     a = invert(mixture.denoiser([0]), x0, schedule(3), "euler", config=ReNoiseConfig())
     b = invert(mixture.denoiser([0]), x0, schedule(3), "euler", config=ReNoiseConfig(solver="fixed_point", history=7))
     assert torch.equal(a.latent, b.latent)
+
+
+def test_anderson_ends_a_stochastic_step_on_the_plain_image_of_its_last_point(spectral, turbo_sigmas):
+    """On a stochastic step the result is ``G`` of the last evaluated point, never a secant extrapolation (which a
+    deterministic step may return)."""
+    from renoise_core.solvers import StepProblem, anderson
+
+    x0 = spectral.sample(CLASSES, seed=5)
+    denoiser = spectral.denoiser(CLASSES)
+    for sampler, expect_image in (("euler_ancestral", True), ("euler", False)):
+        step = make_steps(sampler, turbo_sigmas)[1]
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+        x_next = x0 + step.sigma_next * noise
+        evaluated = []
+
+        def predict(z, evaluation, step=step, evaluated=evaluated):
+            eps = (z - denoiser(z, torch.full((z.shape[0],), step.sigma))) / step.sigma
+            evaluated.append(eps)
+            return eps
+
+        problem = StepProblem(step, x_next, noise if step.is_stochastic else None, predict)
+        solution = anderson(problem, x_next, 6, history=3)
+        last_image = problem.inverse(evaluated[-1])
+        assert torch.equal(solution.latent, last_image) == expect_image, sampler
+
+
+def test_anderson_warm_starts_from_the_noise_correction_prediction(spectral, turbo_sigmas):
+    """With noise correction, the step above starts from the step taken with the prediction the correction made at
+    its lower point (no extra call): its first evaluation is at ``inverse(x_next, eps(x_next), noise)``."""
+    from renoise_core.inversion import draw_noises
+
+    x0 = spectral.sample(CLASSES, seed=1)
+    model = spectral.denoiser(CLASSES)
+    calls = []
+
+    def denoiser(x, sigma):
+        denoised = model(x, sigma)
+        calls.append((x.clone(), float(sigma[0]), denoised))
+        return denoised
+
+    config = ReNoiseConfig(solver="anderson", renoise_steps=3, noise_correction=NoiseCorrectionConfig("optimize"))
+    invert(denoiser, x0, turbo_sigmas, "euler_ancestral", config=config, seed=11)
+    steps = make_steps("euler_ancestral", turbo_sigmas)
+    # step 3 (to sigma 0, no noise): 4 calls; step 2: 4 calls and the correction's call (index 8); step 1 from 9
+    corrected_at, sigma, denoised = calls[8]
+    assert sigma == pytest.approx(steps[2].sigma) and steps[2].is_stochastic
+    noises, _ = draw_noises(x0.shape, len(steps), [11 + b for b in range(len(CLASSES))])
+    expected_start = steps[1].inverse(corrected_at, (corrected_at - denoised) / sigma, noises[1])
+    assert calls[9][1] == pytest.approx(steps[1].sigma)
+    torch.testing.assert_close(calls[9][0], expected_start)
