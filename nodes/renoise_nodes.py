@@ -26,11 +26,13 @@ from ..renoise_core.inversion import NOISE_CORRECTION_MODES
 from ..renoise_core.local_edit import keep_outside_mask, latent_mask
 from ..renoise_core.multistep import (
     NOT_INVERTIBLE,
+    anderson_solver,
     invert_multistep,
     is_multistep_sampler,
     make_multistep_steps,
     planned_multistep_calls,
 )
+from ..renoise_core.multistep import fixed_point as multistep_fixed_point
 from ..renoise_core.solvers import SOLVERS
 from . import host
 from .inversion_data import (
@@ -51,7 +53,7 @@ CATEGORY = "sampling/renoise"
 #: samplers with an exact affine inverse (ComfyUI names)
 INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"]
 #: samplers that add noise (the ones edit-friendly inversion can use)
-STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm"]
+STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 1000
 #: ReNoiseSolver's defaults, and what ReNoiseInvert uses with its `solver` input unconnected for deterministic samplers
@@ -109,7 +111,7 @@ class ReNoiseInvert:
                          "tooltip": "Seed of the per-step noises (stochastic samplers) and the edit-loss reference noise."}),
             },
             "optional": {
-                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson (accelerated) for euler and ddim; the paper's loop for euler_ancestral, lcm and ddpm, where anderson was measured to lose on some images. heun, dpm_2 and dpmpp_2m* ignore it (they have their own solver)."}),
+                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson (accelerated) for euler, ddim, heun, dpm_2 and dpmpp_2m; the paper's loop for euler_ancestral, lcm, ddpm and dpmpp_2m_sde*, where anderson was measured to lose on some images. heun and dpm_2 use its method and history on each step; dpmpp_2m* on the whole trajectory over the sweeps (renoise_steps >= 3); they ignore its other settings."}),
                 "edit_loss": (EDIT_LOSS_TYPE, {"tooltip": "Editability losses (EditLossConfig node). Unconnected: none."}),
                 "noise_correction": (NOISE_CORRECTION_TYPE, {"tooltip": "Noise correction for stochastic samplers (NoiseCorrection node)."}),
                 "sigmas": ("SIGMAS", {"tooltip": "A custom schedule; overrides scheduler, steps and denoise."}),
@@ -158,11 +160,15 @@ class ReNoiseInvert:
         # heun, dpm_2: renoise_steps + 1 evaluations per step; dpmpp_2m*: one first sweep, then renoise_steps sweeps of 2
         multistep_settings = {"iterations": renoise_steps + 1} if sampler_name in ("heun", "dpm_2") else \
             {"iterations": 1, "sweeps": renoise_steps + 1, "sweep_iterations": 2}
+        # anderson: on each step's fixed point for heun and dpm_2, on the trajectory over the sweeps for dpmpp_2m*
+        accelerated = anderson_solver(solver.history) if solver.method == "anderson" else multistep_fixed_point
+        multistep_solvers = {"solver": accelerated} if sampler_name in ("heun", "dpm_2") else {"sweep_solver": accelerated}
 
         def run(denoiser, x0, sigmas_descending, seeds, callback):
             if multistep:
                 return invert_multistep(denoiser, x0, sigmas_descending, sampler_name, seed=seeds, noise_correction=noise_correction,
-                                        parameterization=parameterization, callback=callback, **multistep_settings)
+                                        parameterization=parameterization, callback=callback, **multistep_settings,
+                                        **multistep_solvers)
             return invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds, sampler_options=options,
                           parameterization=parameterization, callback=callback, keep_trajectory=True)
 

@@ -22,9 +22,11 @@ Inversion (:func:`invert_multistep`):
 - two-stage steps: each step is the fixed point ``x = x_next - dt * (w_first d1(x) + w_second d2(x))`` in its upper
   point, one map evaluation = two model calls (one on the last step);
 - multistep steps: step ``i`` needs ``D_prev = D(x_{i-1})``, the prediction at the higher point that inversion only
-  reaches later. The trajectory is solved jointly by sweeps: the first sweep (bottom up) replaces ``D_prev`` with
-  the step's own prediction ``D(x_i)`` (a first-order step with the same total weight, exact when ``D`` is constant
-  along the trajectory); every later sweep (bottom up again) writes ``D_prev = x_{i-1} - sigma_{i-1} eps_{i-1}``
+  reaches later. The trajectory is solved jointly by sweeps: the first sweep (bottom up) predicts ``D_prev`` by
+  the line through ``D(x_i)`` and the prediction at the lower point, known from the step below
+  (:meth:`MultistepStep.extrapolated`: dpmpp_2m's step becomes the trapezoidal rule, exact when ``D`` is linear in
+  ``log sigma``; on stochastic steps and the lowest one, ``D(x_i)`` itself, :meth:`MultistepStep.collapsed`);
+  every later sweep (bottom up again) writes ``D_prev = x_{i-1} - sigma_{i-1} eps_{i-1}``
   with ``x_{i-1}`` given linearly by the step above (its eps and its own ``D_prev`` held at the previous sweep's
   values, see :func:`_coupled`), and starts each step's fixed point from the previous sweep's ``x_i``. A fixed
   point of the sweeps satisfies every step's equation, so the stock sampler started at the inverted latent
@@ -37,7 +39,9 @@ Inversion (:func:`invert_multistep`):
   inverted trajectory: at each step the noise is moved toward the one that lands the sampler's own forward point
   on the inverted trajectory's next point (``exact``: all the way, which reproduces the photo to float rounding).
 
-The per-step solver is pluggable: any ``solve(map_fn, z0, iterations) -> z`` (see :func:`fixed_point`).
+The solvers are pluggable: any ``solve(map_fn, z0, iterations) -> z`` (:func:`fixed_point`,
+:func:`anderson_solver`), for each step's fixed point and, over the later sweeps, for the whole trajectory as the
+fixed point of one sweep.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from .inversion import (
     draw_noises,
 )
 from .samplers import check_sigmas
+from .solvers import accelerate
 
 Solver = Callable[[Callable[[Tensor], Tensor], Tensor, int], Tensor]
 """``solve(map_fn, z0, iterations) -> z``: approximate the fixed point ``z = map_fn(z)`` with ``iterations``
@@ -74,6 +79,17 @@ def fixed_point(map_fn: Callable[[Tensor], Tensor], z0: Tensor, iterations: int)
     for _ in range(iterations):
         z = map_fn(z)
     return z
+
+
+def anderson_solver(history: int = 3) -> Solver:
+    """The :data:`Solver` that solves ``z = map_fn(z)`` by safeguarded Anderson acceleration
+    (:func:`renoise_core.solvers.accelerate`) with ``history`` residuals. A secant step needs two residuals before
+    it: with two evaluations it returns the plain iterate (or, where the residual grew, the first point's image)."""
+
+    def solve(map_fn: Callable[[Tensor], Tensor], z0: Tensor, iterations: int) -> Tensor:
+        return accelerate(lambda z, evaluation: (map_fn(z), None), z0, iterations, history).latent
+
+    return solve
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +154,11 @@ def dpm_2_step(sigma: float, sigma_next: float) -> TwoStageStep:
 
 @dataclass(frozen=True)
 class MultistepStep:
-    """One step ``x_next = x_coeff x + denoised_coeff D(x) + previous_coeff D_prev + noise_coeff noise``."""
+    """One step ``x_next = x_coeff x + denoised_coeff D(x) + previous_coeff D_prev + noise_coeff noise``.
+
+    step_ratio: ``r = h_last / h``, the previous step's length over this one's in the sampler's own time variable
+    (``-log sigma``, or the half log-SNR for dpmpp_2m_sde); 0 where the step does not use ``D_prev``.
+    """
 
     sigma: float
     sigma_next: float
@@ -146,6 +166,7 @@ class MultistepStep:
     denoised_coeff: float
     previous_coeff: float
     noise_coeff: float
+    step_ratio: float = 0.0
 
     @property
     def is_stochastic(self) -> bool:
@@ -186,8 +207,21 @@ class MultistepStep:
         return (x_next - self._deterministic(x, denoised, previous)) / self.noise_coeff
 
     def collapsed(self) -> MultistepStep:
-        """The step with ``D_prev`` replaced by ``D(x)`` (the first sweep's step): same total weight on D."""
+        """The step with ``D_prev`` replaced by ``D(x)``: same total weight on D (the first sweep's lowest step)."""
         return MultistepStep(self.sigma, self.sigma_next, self.x_coeff, self.denoised_coeff + self.previous_coeff, 0.0, self.noise_coeff)
+
+    def extrapolated(self) -> MultistepStep:
+        """The step with ``D_prev`` predicted from below (the first sweep's step where the prediction ``D_next`` at
+        the lower point is known): ``D_prev ~ D(x) + r (D(x) - D_next)``, the line through the two predictions in
+        the sampler's time, exact when ``D`` is linear in it. The returned step's ``previous`` input is ``D_next``.
+
+        For dpmpp_2m this turns the step into the trapezoidal rule, ``x_next = (sigma_next / sigma) x
+        - expm1(-h) (D(x) + D_next) / 2``: a second-order predictor of ``D_prev`` where :meth:`collapsed` is first
+        order, and half the weight on ``D(x)``, so the step's fixed point contracts twice as fast."""
+        if not self.uses_previous:
+            return self
+        c, r = self.previous_coeff, self.step_ratio
+        return MultistepStep(self.sigma, self.sigma_next, self.x_coeff, self.denoised_coeff + c * (1 + r), -c * r, self.noise_coeff)
 
 
 def dpmpp_2m_steps(sigmas: Sequence[float], parameterization: str = "eps") -> list[MultistepStep]:
@@ -208,7 +242,7 @@ def dpmpp_2m_steps(sigmas: Sequence[float], parameterization: str = "eps") -> li
             steps.append(MultistepStep(sigma, sigma_next, sigma_next / sigma, first, 0.0, 0.0))
             continue
         r = (math.log(sigmas[i - 1]) - math.log(sigma)) / h
-        steps.append(MultistepStep(sigma, sigma_next, sigma_next / sigma, first * (1 + 1 / (2 * r)), -first / (2 * r), 0.0))
+        steps.append(MultistepStep(sigma, sigma_next, sigma_next / sigma, first * (1 + 1 / (2 * r)), -first / (2 * r), 0.0, r))
     return steps
 
 
@@ -252,7 +286,7 @@ def dpmpp_2m_sde_steps(
         alpha_next = sigma_next * math.exp(lam_next)
         x_coeff = sigma_next / sigma * math.exp(-h * eta)
         denoised_coeff = alpha_next * -math.expm1(-h_eta)
-        previous_coeff = 0.0
+        previous_coeff, r = 0.0, 0.0
         if h_last is not None:
             r = h_last / h
             if solver_type == "heun":
@@ -261,7 +295,7 @@ def dpmpp_2m_sde_steps(
                 correction = 0.5 * alpha_next * -math.expm1(-h_eta) * (1 / r)
             denoised_coeff, previous_coeff = denoised_coeff + correction, -correction
         noise_coeff = sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise if eta > 0 and s_noise > 0 else 0.0
-        steps.append(MultistepStep(sigma, sigma_next, x_coeff, denoised_coeff, previous_coeff, noise_coeff))
+        steps.append(MultistepStep(sigma, sigma_next, x_coeff, denoised_coeff, previous_coeff, noise_coeff, r))
         h_last = h
     return steps
 
@@ -405,6 +439,7 @@ def invert_multistep(
     sampler_options: dict[str, float] | None = None,
     noises: Tensor | None = None,
     solver: Solver = fixed_point,
+    sweep_solver: Solver = fixed_point,
     keep_trajectory: bool = False,
     callback: Callable[[int], None] | None = None,
 ) -> Inversion:
@@ -417,6 +452,8 @@ def invert_multistep(
     noise_correction: for dpmpp_2m_sde: after the sweeps, one forward pass along the inverted trajectory corrects
         each stored noise toward the one that lands on the trajectory's next point (one model call per step).
     solver: ``solve(map_fn, z0, iterations) -> z`` for each step's fixed point (default :func:`fixed_point`).
+    sweep_solver: the same for the trajectory ``[B, S, C, H, W]`` as the fixed point of one later sweep, with
+        ``sweeps - 1`` evaluations (default :func:`fixed_point`: the sweeps one after the other).
     Returns an :class:`Inversion` (``noises[i]`` is what ComfyUI's ``noise_sampler(sigmas[i], sigmas[i+1])`` must
     return). ``steps`` diagnostics carry the calls per step; their change norms are empty.
     """
@@ -456,25 +493,45 @@ def invert_multistep(
             evaluate = functools.partial(_denoise_at_step, denoise, i)
             trajectory[i], below = _invert_two_stage(steps[i], trajectory[i + 1], below, evaluate, solver, iterations)
     else:
-        coupled = any(s.uses_previous for s in steps)
-        for sweep in range(sweeps if coupled else 1):
-            # Sweeps after the first: the predictions at the previous sweep's points, all made before the sweep,
-            # are each step's D_prev and the first evaluation of its fixed point (no call is repeated).
-            known = [denoise(trajectory[i], s.sigma, i) for i, s in enumerate(steps)] if sweep else None
-            eps_below = None
-            for i in reversed(range(len(steps))):
-                step, x_next = steps[i], trajectory[i + 1]
-                noise = noises[i] if step.is_stochastic else None
-                if sweep == 0:  # D_prev := D(x); start from the step taken with the eps last evaluated below
-                    step, previous, start_denoised, count = step.collapsed(), None, None, iterations
-                    start = x_next if eps_below is None else step.inverse(x_next, eps_below, None, noise)
-                else:
-                    step, previous = _coupled(steps, i, trajectory, known, noises)
-                    start, start_denoised, count = trajectory[i], known[i], later_iterations
-                evaluate = functools.partial(_denoise_at_step, denoise, i)
-                map_fn = _MultistepMap(step, x_next, previous, noise, evaluate, start, start_denoised)
-                trajectory[i] = solver(map_fn, start, count)
-                eps_below = map_fn.last_eps
+        # The first sweep (bottom up): D_prev predicted from below (extrapolated from the prediction at the lower
+        # point; on stochastic steps, whose fresh noise that prediction carries, and on the lowest step: D(x) itself);
+        # each step starts from the step taken with the eps last evaluated below.
+        eps_below = denoised_below = None
+        for i in reversed(range(len(steps))):
+            step, x_next = steps[i], trajectory[i + 1]
+            noise = noises[i] if step.is_stochastic else None
+            if denoised_below is None or step.is_stochastic:
+                step, previous = step.collapsed(), None
+            else:
+                step, previous = step.extrapolated(), denoised_below
+            start = x_next if eps_below is None else step.inverse(x_next, eps_below, previous, noise)
+            map_fn = _MultistepMap(step, x_next, previous, noise, functools.partial(_denoise_at_step, denoise, i), start, None)
+            trajectory[i] = solver(map_fn, start, iterations)
+            eps_below, denoised_below = map_fn.last_eps, map_fn.last_denoised
+        if any(s.uses_previous for s in steps) and sweeps > 1:
+            # Later sweeps: the whole trajectory (stacked [B, S, C, H, W], each item its own) is the fixed point of one
+            # sweep, solved by ``sweep_solver``.
+            def sweep(stacked: Tensor) -> Tensor:
+                points = list(stacked.unbind(1)) + [x0]
+                # the predictions at the last sweep's points are each step's D_prev and its fixed point's first
+                # evaluation (no call is repeated)
+                known = [denoise(points[i], s.sigma, i) for i, s in enumerate(steps)]
+                for i in reversed(range(len(steps))):
+                    step, previous = _coupled(steps, i, points, known, noises)
+                    noise = noises[i] if step.is_stochastic else None
+                    evaluate = functools.partial(_denoise_at_step, denoise, i)
+                    map_fn = _MultistepMap(step, points[i + 1], previous, noise, evaluate, points[i], known[i])
+                    points[i] = solver(map_fn, points[i], later_iterations)
+                return torch.stack(points[:-1], 1)
+
+            # Each point in units of its own scale (the standard deviation of a unit-variance photo noised to its
+            # sigma), so that no level dominates an accelerated solver's least squares: measured, unscaled
+            # anderson sweeps lost up to 30 dB to plain ones where scaled ones gain 20 to 50 dB.
+            scales = [_latent_scale(s.sigma, parameterization) for s in steps]
+            scale = torch.tensor(scales, dtype=dtype, device=device).view(1, -1, *([1] * (x0.ndim - 1)))
+            start = torch.stack(trajectory[:-1], 1) / scale
+            solved = sweep_solver(lambda units: sweep(units * scale) / scale, start, sweeps - 1) * scale
+            trajectory = list(solved.unbind(1)) + [x0]
         if noise_correction is not None:
             _correct_noises(steps, trajectory, noises, noise_correction, denoise)
 
@@ -495,6 +552,14 @@ def invert_multistep(
         steps=diagnostics,
         trajectory=torch.stack(trajectory) if keep_trajectory else None,
     )
+
+
+def _latent_scale(sigma: float, parameterization: str) -> float:
+    """The standard deviation of a unit-variance latent noised to ``sigma``: ``sqrt(1 + sigma^2)`` (eps; the
+    factor between k-diffusion and DDPM units), ``sqrt((1 - sigma)^2 + sigma^2)`` (flow)."""
+    if parameterization == "flow":
+        return math.sqrt((1.0 - sigma) ** 2 + sigma**2)
+    return math.sqrt(1.0 + sigma**2)
 
 
 def _coupled(steps: list[MultistepStep], i: int, trajectory: list[Tensor], known: list[Tensor], noises: Tensor):
@@ -530,10 +595,12 @@ class _MultistepMap:
         self.step, self.x_next, self.previous, self.noise = step, x_next, previous, noise
         self.evaluate, self.start, self.start_denoised = evaluate, start, start_denoised
         self.last_eps: Tensor | None = None
+        self.last_denoised: Tensor | None = None
 
     def __call__(self, z: Tensor) -> Tensor:
         known = self.start_denoised is not None and z is self.start
         denoised = self.start_denoised if known else self.evaluate(z, self.step.sigma)
+        self.last_denoised = denoised
         self.last_eps = (z - denoised) / self.step.sigma
         return self.step.inverse(self.x_next, self.last_eps, self.previous, self.noise)
 

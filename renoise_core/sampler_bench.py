@@ -5,8 +5,8 @@ for stochastic ones, the stored noises) and reports the mean PSNR against the or
 made. The model is a parameter (anything with ``denoiser(classes)`` and ``sample(classes, seed)``): the command
 uses the spectral mixture (``--model spectral``, components sharing a natural-image spectrum) or the isotropic one;
 the default schedule is ComfyUI's ``karras`` for SD1.5 (sigma_min 0.0292, sigma_max 14.6146, rho 7) with 20 steps.
-euler appears with both solvers: the paper's loop (the same kind of plain iteration the multistep solvers use) and
-anderson (what ReNoiseInvert uses for euler).
+euler, heun, dpm_2 and dpmpp_2m appear with both solvers: plain iteration (the paper's loop for euler) and anderson
+(ReNoiseInvert's default for them; on heun and dpm_2 per step, on dpmpp_2m over the sweeps).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .analytic import GaussianMixture, SpectralMixture, psnr
 from .inversion import NoiseCorrectionConfig, ReNoiseConfig, invert, sample
-from .multistep import invert_multistep, sample_multistep
+from .multistep import anderson_solver, invert_multistep, sample_multistep
 from .schedules import karras_schedule
 
 CLASSES = [0, 3, 6, 9]
@@ -58,12 +58,20 @@ def sampler_table(model, sigmas: Tensor | None = None, quick: bool = False) -> l
     for solver in ("fixed_point", "anderson"):
         for k in (0, 1) if quick else (0, 1, 2, 3, 4):
             rows.append(_euler_row(model, x0, sigmas, solver, k))
+    # anderson needs three evaluations before it differs from plain iteration: only those rows are shown for it
     for sampler in ("heun",) if quick else ("heun", "dpm_2"):
         for iterations in (1, 2) if quick else (1, 2, 3):
-            rows.append(_row(model, x0, sigmas, sampler, f"iterations={iterations}", iterations=iterations))
-    for sweeps in (1, 2) if quick else (1, 2, 3):
-        setting = f"iterations=1 sweeps={sweeps} sweep_iterations=2"
+            rows.append(_row(model, x0, sigmas, sampler, f"fixed_point iterations={iterations}", iterations=iterations))
+        for iterations in (3,) if quick else (3, 4):
+            rows.append(_row(model, x0, sigmas, sampler, f"anderson iterations={iterations}", iterations=iterations,
+                             solver=anderson_solver()))
+    for sweeps in (1, 2) if quick else (1, 2, 3, 4):
+        setting = f"fixed_point iterations=1 sweeps={sweeps} sweep_iterations=2"
         rows.append(_row(model, x0, sigmas, "dpmpp_2m", setting, iterations=1, sweeps=sweeps, sweep_iterations=2))
+    for sweeps in (4,) if quick else (4, 5):
+        setting = f"anderson iterations=1 sweeps={sweeps} sweep_iterations=2"
+        rows.append(_row(model, x0, sigmas, "dpmpp_2m", setting, iterations=1, sweeps=sweeps, sweep_iterations=2,
+                         sweep_solver=anderson_solver()))
     for mode in (None, "optimize", "exact"):
         correction = NoiseCorrectionConfig(mode) if mode else None
         setting = f"iterations=1 sweeps=2 sweep_iterations=2 noise_correction={mode}"

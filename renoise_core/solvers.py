@@ -131,7 +131,38 @@ _PREDICTION_SLACK = 2.0
 
 
 def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int, tol: float | None = None) -> StepSolution:
+    """Anderson acceleration (:func:`accelerate`) of one inversion step's map ``G(z) = inverse(R(eps_hat(z)))``.
+
+    The result on a stochastic step is the image ``G(z)`` of the last evaluated point (the best one's where the
+    residual grew), never an extrapolation. The error that matters there is not the residual's norm but what the
+    next denoiser call makes of it: the noise correction after the solve absorbs part of the residual, and a plain
+    step leaves the rest in the directions the denoiser is insensitive to (on lcm the residual of ``G(z)`` is
+    ``(I - J_D)`` times the last one), where a secant extrapolation leaves it in any direction. Measured in the
+    solver bench (``./dev bench``): spectral lcm at K = 2 went from 3.9 dB below the paper's loop to 0.6, while the
+    extrapolation is worth 4 to 5 dB on deterministic steps (euler), which keep it.
+    """
+
+    def evaluate(z: Tensor, evaluation: int) -> tuple[Tensor, Tensor]:
+        eps = problem.predict(z, evaluation)
+        if problem.regularize is not None:
+            eps = problem.regularize(eps)
+        return problem.inverse(eps), eps
+
+    return accelerate(evaluate, start, evaluations, history, tol, extrapolate=not problem.step.is_stochastic)
+
+
+def accelerate(
+    evaluate: Callable[[Tensor, int], tuple[Tensor, Tensor | None]],
+    start: Tensor,
+    evaluations: int,
+    history: int,
+    tol: float | None = None,
+    extrapolate: bool = True,
+) -> StepSolution:
     """Anderson acceleration of ``z = G(z)``, each batch item with its own mixing coefficients.
+
+    evaluate: ``evaluate(z, evaluation) -> (G(z), prediction)``, where ``prediction`` is whatever the map made
+        ``G(z)`` from (returned for the best point as ``StepSolution.prediction``), or None. ``z`` is ``[B, ...]``.
 
     With residuals ``f_k = G(z_k) - z_k`` and the differences of the last ``history`` residuals and images,
     ``dF``, ``dG``, the next point is ``z_{k+1} = G(z_k) - dG gamma`` with ``gamma = argmin ||f_k - dF gamma||``:
@@ -145,16 +176,10 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
     - an evaluation at a secant point the model did not predict well is not trusted: the result then falls back to
       the image of the last trusted point; the result is the last secant extrapolation only where the model was
       right at the last evaluation (it cannot be checked without another call), and the best point's image where
-      the last residual grew;
-    - on a stochastic step the result is the image ``G(z)`` of the last evaluated point (the best one's where the
-      residual grew), never an extrapolation. The error that matters there is not the residual's norm but what
-      the next denoiser call makes of it: the noise correction after the solve absorbs part of the residual, and
-      a plain step leaves the rest in the directions the denoiser is insensitive to (on lcm the residual of
-      ``G(z)`` is ``(I - J_D)`` times the last one), where a secant extrapolation leaves it in any direction.
-      Measured in the solver bench (``./dev bench``): spectral lcm at K = 2 went from 3.9 dB below the paper's
-      loop to 0.6, while the extrapolation is worth 4 to 5 dB on deterministic steps (euler), which keep it.
+      the last residual grew. ``extrapolate=False``: the result is the image of the last evaluated point (the
+      best one's where the residual grew), never an extrapolation.
 
-    The map's own evaluation costs one denoiser call; the rest is O(history x latent size) arithmetic.
+    The map's own evaluation is the only cost; the rest is O(history x size) arithmetic.
     """
     batch = start.shape[0]
     expand = (-1,) + (1,) * (start.ndim - 1)
@@ -163,16 +188,13 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
     d_residuals: list[Tensor] = []
     d_images: list[Tensor] = []
     residual_prev = image_prev = norm_prev = None
-    best_image = best_eps = best_norm = trusted_image = None
+    best_image = best_prediction = best_norm = trusted_image = None
     predicted = torch.zeros((batch,), device=start.device, dtype=start.dtype)
     radius = torch.full((batch,), _INITIAL_RADIUS, device=start.device, dtype=start.dtype)
     accelerated = confirmed = never  # z came from a secant step; and the model predicted its residual well
     solution = StepSolution(start, start, 0)
     for k in range(evaluations):
-        eps = problem.predict(z, k)
-        if problem.regularize is not None:
-            eps = problem.regularize(eps)
-        image = problem.inverse(eps)
+        image, prediction = evaluate(z, k)
         residual = (image - z).flatten(1)
         norm = residual.norm(dim=1)
         solution.evaluations = k + 1
@@ -182,11 +204,12 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
         confirmed = accelerated & (norm <= _PREDICTION_SLACK * predicted)
         radius = torch.where(accelerated, torch.where(confirmed, radius * _RADIUS_GROWTH, radius * _RADIUS_SHRINK), radius)
         if best_norm is None:
-            best_image, best_eps, best_norm, trusted_image = image, eps, norm, image
+            best_image, best_prediction, best_norm, trusted_image = image, prediction, norm, image
         else:
             better = norm < best_norm
             best_image = torch.where(better.view(expand), image, best_image)
-            best_eps = torch.where(better.view(expand), eps, best_eps)
+            if prediction is not None:
+                best_prediction = torch.where(better.view(expand), prediction, best_prediction)
             best_norm = torch.minimum(norm, best_norm)
             trusted_image = torch.where((confirmed | ~accelerated).view(expand), image, trusted_image)
         # a residual that grew (or is not finite) restarts the item's history from its best point
@@ -210,12 +233,12 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
             break
         if k + 1 < evaluations:
             z = z_next
-    if problem.step.is_stochastic:
-        solution.latent = torch.where(grown.view(expand), best_image, image)
-    else:
+    if extrapolate:
         solution.latent = torch.where(grown.view(expand), best_image, trusted_image)
         solution.latent = torch.where((accelerated & confirmed).view(expand), z_next, solution.latent)
-    solution.prediction = best_eps
+    else:
+        solution.latent = torch.where(grown.view(expand), best_image, image)
+    solution.prediction = best_prediction
     return solution
 
 

@@ -11,6 +11,8 @@ from renoise_core.inversion import NoiseCorrectionConfig
 from renoise_core.multistep import (
     MULTISTEP_SAMPLERS,
     NOT_INVERTIBLE,
+    anderson_solver,
+    dpmpp_2m_steps,
     fixed_point,
     invert_multistep,
     make_multistep_steps,
@@ -241,3 +243,59 @@ def test_sampler_bench_rows():
     exact = rows["dpmpp_2m_sde", "iterations=1 sweeps=2 sweep_iterations=2 noise_correction=exact"]
     none = rows["dpmpp_2m_sde", "iterations=1 sweeps=2 sweep_iterations=2 noise_correction=None"]
     assert exact.psnr_db > max(60.0, none.psnr_db)
+
+
+def test_dpmpp_2m_first_sweep_is_the_trapezoidal_rule():
+    """With ``D_prev`` extrapolated through ``D(x)`` and the prediction at the lower point, dpmpp_2m's step is
+    ``x_next = (sigma_next / sigma) x - expm1(-h) (D(x) + D_next) / 2`` whatever the step ratio."""
+    sigmas = karras_schedule(6).tolist()
+    for step in dpmpp_2m_steps(sigmas)[1:-1]:
+        half = -math.expm1(-(math.log(step.sigma) - math.log(step.sigma_next))) / 2
+        trapezoid = step.extrapolated()
+        assert step.step_ratio != 1.0
+        assert math.isclose(trapezoid.denoised_coeff, half, rel_tol=1e-12)
+        assert math.isclose(trapezoid.previous_coeff, half, rel_tol=1e-12)
+        assert trapezoid.x_coeff == step.x_coeff
+
+
+def test_dpmpp_2m_first_sweep_beats_the_collapsed_step(model, photo):
+    """The extrapolated first sweep against D_prev := D(x): measured 55.1 against 44.0 dB on the bench's spectral
+    model (20 karras steps, 20 calls)."""
+    import renoise_core.multistep as multistep
+
+    denoiser = model.denoiser(CLASSES)
+    sigmas = karras_schedule(20)
+
+    def reconstruction():
+        inversion = invert_multistep(denoiser, photo, sigmas, "dpmpp_2m", iterations=1, sweeps=1)
+        assert inversion.denoiser_calls == 20
+        return psnr(sample_multistep(denoiser, inversion.latent, sigmas, "dpmpp_2m"), photo).mean().item()
+
+    extrapolated = reconstruction()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(multistep.MultistepStep, "extrapolated", multistep.MultistepStep.collapsed)
+        collapsed = reconstruction()
+    assert extrapolated > collapsed + 5.0, (extrapolated, collapsed)
+
+
+@pytest.mark.parametrize("sampler, settings", [("heun", {"iterations": 4}), ("dpmpp_2m", {"sweeps": 5, "sweep_iterations": 2})])
+def test_anderson_solver_accelerates_heun_steps_and_dpmpp_2m_sweeps(model, photo, sampler, settings):
+    """At equal calls. Measured on the bench's spectral model, 20 karras steps: heun, 4 evaluations per step,
+    108.9 -> 143.8 dB; dpmpp_2m, 5 sweeps, 98.2 -> 132.2 dB."""
+    denoiser = model.denoiser(CLASSES)
+    sigmas = karras_schedule(10)
+    which = "solver" if sampler == "heun" else "sweep_solver"
+    db, calls = [], []
+    for solver in (fixed_point, anderson_solver()):
+        inversion = invert_multistep(denoiser, photo, sigmas, sampler, **settings, **{which: solver})
+        db.append(psnr(sample_multistep(denoiser, inversion.latent, sigmas, sampler), photo).mean().item())
+        calls.append(inversion.denoiser_calls)
+    assert calls[0] == calls[1] and db[1] > db[0] + 5.0, db
+
+
+def test_anderson_solver_with_two_evaluations_is_plain_iteration(model, photo):
+    denoiser = model.denoiser(CLASSES)
+    sigmas = karras_schedule(6)
+    plain = invert_multistep(denoiser, photo, sigmas, "heun", iterations=2)
+    accelerated = invert_multistep(denoiser, photo, sigmas, "heun", iterations=2, solver=anderson_solver())
+    assert torch.equal(plain.latent, accelerated.latent)

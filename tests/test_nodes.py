@@ -262,10 +262,14 @@ def test_solver_node_and_default(graph):
     assert default_inversion.settings["solver"]["method"] == "anderson"
     assert default_inversion.settings == accelerated_inversion.settings != paper_inversion.settings
     assert default_inversion.denoiser_calls == paper_inversion.denoiser_calls == 12  # K = 2: 3 calls on each of 4 steps
-    for stochastic in ("euler_ancestral", "lcm", "ddpm"):  # unconnected: the paper's loop (measured per latent)
+    for stochastic in ("euler_ancestral", "lcm", "ddpm", "dpmpp_2m_sde"):  # unconnected: plain iteration (measured)
         _, inversion, _ = invert(graph, sampler_name=stochastic, renoise_steps=1)
         assert inversion.settings["solver"] == dataclasses.asdict(SolverSettings(method="fixed_point")), stochastic
-    assert "the paper's loop for euler_ancestral, lcm and ddpm" in NODES["ReNoiseInvert"].INPUT_TYPES()["optional"]["solver"][1]["tooltip"]
+    for deterministic in ("heun", "dpmpp_2m"):
+        _, inversion, _ = invert(graph, sampler_name=deterministic, scheduler="karras", renoise_steps=0)
+        assert inversion.settings["solver"]["method"] == "anderson", deterministic
+    tooltip = NODES["ReNoiseInvert"].INPUT_TYPES()["optional"]["solver"][1]["tooltip"]
+    assert "the paper's loop for euler_ancestral, lcm, ddpm and dpmpp_2m_sde*" in tooltip
     with pytest.raises(ValueError, match="method must be one of"):
         NODES["ReNoiseSolver"]().build("newton", 3, 8, 250, 4, 0, 0.0)
     with pytest.raises(ValueError, match="takes a ReNoiseSolver node"):
@@ -279,6 +283,22 @@ def test_solver_node_changes_the_result_and_anderson_reconstructs_better(graph):
     db_a = psnr(replay(graph, latent_a, inversion_a, sigmas)["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).mean()
     db_p = psnr(replay(graph, latent_p, inversion_p, sigmas)["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).mean()
     assert db_a > db_p + 10.0, (db_a, db_p)
+
+
+@pytest.mark.parametrize("sampler, renoise_steps", [("heun", 3), ("dpmpp_2m", 4)])
+def test_solver_node_reaches_heun_and_dpmpp_2m(graph, sampler, renoise_steps):
+    """heun: anderson on each step's fixed point; dpmpp_2m: over the sweeps. Identical calls; anderson differs from
+    plain iteration (where it has three evaluations) and reconstructs at least as well."""
+    (paper,) = NODES["ReNoiseSolver"]().build("fixed_point", 3, 8, 250, 4, 0, 0.0)
+    db, calls, latents = {}, {}, {}
+    for name, solver in (("anderson", None), ("fixed_point", paper)):
+        latent, inversion, sigmas = invert(graph, sampler_name=sampler, scheduler="karras", steps=20,
+                                           renoise_steps=renoise_steps, solver=solver)
+        out = replay(graph, latent, inversion, sigmas)["samples"] * fake_comfy.LATENT_SCALE
+        db[name], calls[name], latents[name] = psnr(out, graph["x0"]).mean().item(), inversion.denoiser_calls, latent["samples"]
+    assert calls["anderson"] == calls["fixed_point"]
+    assert not torch.equal(latents["anderson"], latents["fixed_point"])
+    assert db["anderson"] >= db["fixed_point"] - 0.5, db
 
 
 def test_workflows_saved_with_0_1_0_get_a_clear_message(graph):

@@ -1157,6 +1157,13 @@ def scenario_samplers(workdir: Path) -> dict:
         "dpmpp_2m_sde_none": dict(sampler="dpmpp_2m_sde", renoise_steps=1),
         "heun_k1_ksampleradvanced": dict(sampler="heun", renoise_steps=1, continue_with="ksampleradvanced"),
         "dpmpp_2m_k1_ksampleradvanced": dict(sampler="dpmpp_2m", renoise_steps=1, continue_with="ksampleradvanced"),
+        # on the spectral model: equal calls against euler's default, and anderson against plain iteration
+        "spectral_euler_k0": dict(sampler="euler", renoise_steps=0, mixture="spectral"),
+        "spectral_dpmpp_2m_k0": dict(sampler="dpmpp_2m", renoise_steps=0, mixture="spectral"),
+        "spectral_heun_k3": dict(sampler="heun", renoise_steps=3, mixture="spectral"),
+        "spectral_heun_k3_fixed_point": dict(sampler="heun", renoise_steps=3, mixture="spectral", solver="fixed_point"),
+        "spectral_dpmpp_2m_k4": dict(sampler="dpmpp_2m", renoise_steps=4, mixture="spectral"),
+        "spectral_dpmpp_2m_k4_fixed_point": dict(sampler="dpmpp_2m", renoise_steps=4, mixture="spectral", solver="fixed_point"),
     }
     for name, kwargs in cases.items():
         CAPTURED.clear()

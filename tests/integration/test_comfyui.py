@@ -262,3 +262,17 @@ def test_second_order_and_multistep_inversions_reconstruct_with_the_stock_sample
     for name in ("heun", "dpmpp_2m"):
         direct = ok(samplers[f"{name}_k1_ksampleradvanced"])["psnr"]
         assert direct == pytest.approx(samplers[f"{name}_k1"]["psnr"], abs=0.05), name
+
+
+def test_multistep_inversions_on_the_spectral_model(samplers):
+    """dpmpp_2m's first sweep (20 calls) at least matches euler with its default solver at the same 20 calls
+    (measured in the core: 55.1 against 53.1 dB); the default anderson beats plain iteration at equal calls for heun
+    (per step) and dpmpp_2m (over the sweeps) by a wide margin. Measured here (ComfyUI a125cd8, CPU): euler 50.5,
+    dpmpp_2m 52.7 dB; heun K = 3 106.4 -> 153.7 dB; dpmpp_2m K = 4 95.3 -> 136.3 dB."""
+    euler, dpmpp_2m = ok(samplers["spectral_euler_k0"]), ok(samplers["spectral_dpmpp_2m_k0"])
+    assert euler["network_calls"] == dpmpp_2m["network_calls"] == 40  # 20 to invert, 20 to reconstruct
+    assert dpmpp_2m["psnr"] >= euler["psnr"], (dpmpp_2m["psnr"], euler["psnr"])
+    for name in ("heun_k3", "dpmpp_2m_k4"):
+        accelerated, plain = ok(samplers[f"spectral_{name}"]), ok(samplers[f"spectral_{name}_fixed_point"])
+        assert accelerated["network_calls"] == plain["network_calls"]
+        assert accelerated["psnr"] > plain["psnr"] + 10.0, (name, accelerated["psnr"], plain["psnr"])
