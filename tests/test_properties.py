@@ -1,5 +1,6 @@
 """Property-based tests (hypothesis) of the core's invariants over shapes, batch sizes, step counts and seeds."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -46,7 +47,16 @@ def test_inversion_is_deterministic_and_leaves_inputs_alone(sampler, steps, shap
                            noise_correction=NoiseCorrectionConfig(correction) if correction else None)
     x0_copy, sigmas_copy = x0.clone(), sigmas.clone()
     denoiser = model.denoiser(list(range(batch)))
-    first = invert(denoiser, x0, sigmas, sampler, config=config, seed=seed)
+    try:
+        first = invert(denoiser, x0, sigmas, sampler, config=config, seed=seed)
+    except FloatingPointError:
+        # Only the edit losses may diverge: on latents this small their gradient steps (sized for 64x64 and more)
+        # can overshoot. Then it must be reported, the same way every time, with the inputs untouched.
+        assert edits
+        with pytest.raises(FloatingPointError, match="lower the edit-loss weights"):
+            invert(denoiser, x0, sigmas, sampler, config=config, seed=seed)
+        assert torch.equal(x0, x0_copy) and torch.equal(sigmas, sigmas_copy)
+        return
     second = invert(denoiser, x0, sigmas, sampler, config=config, seed=seed)
     assert torch.equal(first.latent, second.latent) and torch.equal(first.noises, second.noises)
     assert torch.equal(x0, x0_copy) and torch.equal(sigmas, sigmas_copy)
