@@ -39,6 +39,15 @@ During inversion with edit losses the first evaluation of each step is made on a
 """
 
 NOISE_CORRECTION_MODES = ("optimize", "exact")
+#: On a stochastic step whose inversion map does not contract where the denoiser ignores a direction (lcm's: its
+#: fixed points form a family, and which one an iteration ends near depends on where it starts and how it moves;
+#: the noise correction then turns what is left into the next steps' error), anderson needs two checked secant
+#: steps, i.e. 4 evaluations (K = 3): with fewer it runs the paper's loop from the paper's start. (Every sampler's
+#: last step, to sigma 0, is such a map too, but adds no noise: there anderson is +10 dB and more at K = 1.)
+#: Measured in the solver bench (``./dev bench``), lcm with 2 or 3 evaluations: anderson 0.5 to 1.4 dB below the
+#: paper's loop (isotropic K = 1, spectral and learned K = 2), and no variant of its start measured better there
+#: everywhere; from K = 3 on it is +0.2 to +48 dB ahead.
+MIN_ANDERSON_EVALUATIONS_LCM = 4
 #: smallest latent side the edit losses are defined for (the pair loss's pyramid stops at 8)
 MIN_EDIT_LOSS_SIZE = 8
 
@@ -72,7 +81,9 @@ class ReNoiseConfig:
 
     renoise_steps: K, renoising iterations per inversion step (K + 1 denoiser evaluations). 0 = plain reversal.
     solver: ``"fixed_point"`` (the paper's loop, the default here) or ``"anderson"`` (accelerated; see
-        ``solvers.py``). Both make the same number of evaluations.
+        ``solvers.py``). Both make the same number of evaluations. On a stochastic step whose map does not
+        contract (lcm's, ``AffineStep.inverse_gain`` 1) anderson runs the paper's loop below
+        ``MIN_ANDERSON_EVALUATIONS_LCM`` evaluations.
     history: anderson only: how many previous residuals its secant model uses.
     average_start: fixed_point only: evaluation index (0..K) where the averaging window starts; the window runs
         to the last evaluation. The reference averages evaluations 8 and 9. Clamped to K.
@@ -290,7 +301,10 @@ def invert(
                 return regularize_noise_prediction(eps, reference.get("eps"), rolls_now, edit)
 
         problem = StepProblem(step, x_next, noise, predict, regularize)
-        if config.solver == "anderson":
+        paper_loop = config.solver == "fixed_point" or (
+            step.is_stochastic and step.inverse_gain >= 1.0 - 1e-9 and k_max + 1 < MIN_ANDERSON_EVALUATIONS_LCM
+        )
+        if not paper_loop:
             start = x_next if warm_start is None else step.inverse(x_next, warm_start, noise)
             solution = anderson(problem, start, k_max + 1, config.history, config.convergence_tol)
         else:

@@ -43,6 +43,14 @@ class AffineStep:
     def is_stochastic(self) -> bool:
         return self.rho != 0.0
 
+    @property
+    def inverse_gain(self) -> float:
+        """``-psi / (phi * sigma)``: the Jacobian of the inversion map ``G(z) = inverse(x_next, eps_hat(z))`` in the
+        directions the denoiser ignores (there ``eps_hat`` moves by ``1 / sigma`` per unit of ``z``). Below 1 where
+        the step contracts them (euler: ``1 - sigma_next / sigma``); 1 for lcm, whose step keeps only ``D(x)``: its
+        fixed points form a family (every ``x`` with the same ``D(x)``)."""
+        return -self.psi / (self.phi * self.sigma)
+
     def forward(self, x: Tensor, eps_hat: Tensor, noise: Tensor | None = None) -> Tensor:
         """The sampler's own step: the point at ``sigma_next`` reached from ``x`` at ``sigma``."""
         x_next = self.phi * x + self.psi * eps_hat

@@ -239,3 +239,21 @@ def test_anderson_warm_starts_from_the_noise_correction_prediction(spectral, tur
     expected_start = steps[1].inverse(corrected_at, (corrected_at - denoised) / sigma, noises[1])
     assert calls[9][1] == pytest.approx(steps[1].sigma)
     torch.testing.assert_close(calls[9][0], expected_start)
+
+
+def test_anderson_runs_the_paper_loop_on_short_lcm_steps(spectral, turbo_sigmas):
+    """lcm's stochastic steps do not contract (``inverse_gain`` 1): below 4 evaluations anderson is the paper's
+    loop there, bit for bit; from K = 3 it is itself. (The schedule stops above 0, so every step adds noise.)"""
+    steps = make_steps("lcm", turbo_sigmas)
+    assert all(s.inverse_gain == pytest.approx(1.0) for s in steps)
+    assert all(s.inverse_gain < 1.0 for s in make_steps("euler_ancestral", turbo_sigmas)[:-1])
+    x0 = spectral.sample(CLASSES, seed=3)
+    denoiser = spectral.consistency_denoiser(CLASSES, substeps=6)
+    sigmas = turbo_sigmas[:-1]
+    correction = NoiseCorrectionConfig("optimize")
+    for k, same in ((1, True), (2, True), (3, False)):
+        config = ReNoiseConfig(renoise_steps=k, noise_correction=correction)
+        paper = invert(denoiser, x0, sigmas, "lcm", config=config, seed=5)
+        fast = invert(denoiser, x0, sigmas, "lcm", config=dataclasses.replace(config, solver="anderson"), seed=5)
+        assert paper.denoiser_calls == fast.denoiser_calls
+        assert torch.equal(paper.latent, fast.latent) == same, k
