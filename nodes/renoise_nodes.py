@@ -51,9 +51,10 @@ from .inversion_data import (
 
 CATEGORY = "sampling/renoise"
 #: samplers with an exact affine inverse (ComfyUI names)
-INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"]
+INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
+                       "res_multistep", "res_multistep_ancestral"]
 #: samplers that add noise (the ones edit-friendly inversion can use)
-STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"]
+STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep_ancestral"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 1000
 #: ReNoiseSolver's defaults, and what ReNoiseInvert uses with its `solver` input unconnected for deterministic samplers
@@ -111,7 +112,7 @@ class ReNoiseInvert:
                          "tooltip": "Seed of the per-step noises (stochastic samplers) and the edit-loss reference noise."}),
             },
             "optional": {
-                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson (accelerated) for euler, ddim, heun, dpm_2 and dpmpp_2m; the paper's loop for euler_ancestral, lcm, ddpm and dpmpp_2m_sde*, where anderson was measured to lose on some images. heun and dpm_2 use its method and history on each step; dpmpp_2m* on the whole trajectory over the sweeps (renoise_steps >= 3); they ignore its other settings."}),
+                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson (accelerated) for euler, ddim, heun, dpm_2, dpmpp_2m and res_multistep; the paper's loop for euler_ancestral, lcm, ddpm, dpmpp_2m_sde* and res_multistep_ancestral, where anderson was measured to lose on some images. heun and dpm_2 use its method and history on each step; dpmpp_2m* and res_multistep* on the whole trajectory over the sweeps (renoise_steps >= 3); they ignore its other settings."}),
                 "edit_loss": (EDIT_LOSS_TYPE, {"tooltip": "Editability losses (EditLossConfig node). Unconnected: none."}),
                 "noise_correction": (NOISE_CORRECTION_TYPE, {"tooltip": "Noise correction for stochastic samplers (NoiseCorrection node)."}),
                 "sigmas": ("SIGMAS", {"tooltip": "A custom schedule; overrides scheduler, steps and denoise."}),
@@ -152,15 +153,15 @@ class ReNoiseInvert:
         )
         options = _sampler_options(sampler_name, eta, s_noise)
 
-        multistep = is_multistep_sampler(sampler_name)  # heun, dpm_2, dpmpp_2m*: renoise_core.multistep
+        multistep = is_multistep_sampler(sampler_name)  # heun, dpm_2, dpmpp_2m*, res_multistep*: renoise_core.multistep
         if multistep and config.edits():
             raise ValueError(f"ReNoiseInvert: edit losses are not supported with {sampler_name} yet; disconnect edit_loss "
                              "or use euler / euler_ancestral.")
 
-        # heun, dpm_2: renoise_steps + 1 evaluations per step; dpmpp_2m*: one first sweep, then renoise_steps sweeps of 2
+        # heun, dpm_2: renoise_steps + 1 evaluations per step; dpmpp_2m*, res_multistep*: one first sweep, then renoise_steps sweeps of 2
         multistep_settings = {"iterations": renoise_steps + 1} if sampler_name in ("heun", "dpm_2") else \
             {"iterations": 1, "sweeps": renoise_steps + 1, "sweep_iterations": 2}
-        # anderson: on each step's fixed point for heun and dpm_2, on the trajectory over the sweeps for dpmpp_2m*
+        # anderson: on each step's fixed point for heun and dpm_2, on the trajectory over the sweeps for the multistep ones
         accelerated = anderson_solver(solver.history) if solver.method == "anderson" else multistep_fixed_point
         multistep_solvers = {"solver": accelerated} if sampler_name in ("heun", "dpm_2") else {"sweep_solver": accelerated}
 
@@ -427,8 +428,9 @@ class ReNoiseSolver:
         "How ReNoiseInvert solves each inversion step: anderson (accelerated: the paper's reconstruction with a third "
         "of the model calls, or far better at the same calls) or fixed_point (the paper's renoising loop, exactly as "
         "the reference release runs it). Connect to ReNoiseInvert's `solver` input. Unconnected, ReNoiseInvert uses "
-        "anderson with these defaults for euler and ddim, and fixed_point for euler_ancestral, lcm and ddpm (measured: "
-        "with noise correction anderson wins on average there but loses on some images)."
+        "anderson with these defaults for euler, ddim, heun, dpm_2, dpmpp_2m and res_multistep, and fixed_point for "
+        "euler_ancestral, lcm, ddpm, dpmpp_2m_sde and res_multistep_ancestral (measured: with noise correction anderson "
+        "wins on average there but loses on some images)."
     )
     CATEGORY = CATEGORY
     FUNCTION = "build"

@@ -1,4 +1,5 @@
-"""Second-order samplers (heun, dpm_2) and multistep samplers (dpmpp_2m, dpmpp_2m_sde): steps and their inversion.
+"""Second-order samplers (heun, dpm_2) and multistep samplers (dpmpp_2m, dpmpp_2m_sde, res_multistep): steps and
+their inversion.
 
 Units: k-diffusion, as in ``samplers.py``. ``D(x, sigma)`` is the denoiser (predicted x0),
 ``d(x, sigma) = (x - D(x, sigma)) / sigma`` ComfyUI's ``to_d`` (the eps prediction ``eps_hat``).
@@ -11,7 +12,7 @@ Two step shapes, each written to mirror ComfyUI 0.3.64's ``comfy/k_diffusion/sam
       x_next = x + dt * (w_first * d(x, sigma) + w_second * d(x_mid, sigma_mid))      dt = sigma_next - sigma
 
   (one evaluation, Euler, where ``sigma_next == 0``, as ComfyUI does).
-- :class:`MultistepStep` (dpmpp_2m, dpmpp_2m_sde): affine in the current prediction AND the previous one::
+- :class:`MultistepStep` (dpmpp_2m, dpmpp_2m_sde, res_multistep): affine in the current prediction AND the previous one::
 
       x_next = x_coeff * x + denoised_coeff * D(x, sigma) + previous_coeff * D_prev + noise_coeff * noise
 
@@ -33,11 +34,12 @@ Inversion (:func:`invert_multistep`):
   retraces the trajectory.
   Each step's fixed point is solved in eps form, ``x = (x_next + b sigma d(x) - c D_prev - r noise) / (a + b)``
   (``a, b, c, r`` the coefficients above), the ReNoise map, whose contraction is that of the eps prediction;
-- stochastic steps (dpmpp_2m_sde) replay the stored noises (ComfyUI calls ``noise_sampler(sigma, sigma_next)``
-  once per step and scales it by ``sigma_next * sqrt(-expm1(-2 h eta)) * s_noise``; the stored noise is what
-  ``noise_sampler`` returns). Noise enters each step linearly, so noise correction is a forward pass along the
-  inverted trajectory: at each step the noise is moved toward the one that lands the sampler's own forward point
-  on the inverted trajectory's next point (``exact``: all the way, which reproduces the photo to float rounding).
+- stochastic steps (dpmpp_2m_sde, res_multistep_ancestral) replay the stored noises (ComfyUI calls
+  ``noise_sampler(sigma, sigma_next)`` once per step and scales it, e.g. by ``sigma_next * sqrt(-expm1(-2 h eta))
+  * s_noise``; the stored noise is what ``noise_sampler`` returns). Noise enters each step linearly, so noise
+  correction is a forward pass along the inverted trajectory: at each step the noise is moved toward the one that
+  lands the sampler's own forward point on the inverted trajectory's next point (``exact``: all the way, which
+  reproduces the photo to float rounding).
 
 The solvers are pluggable: any ``solve(map_fn, z0, iterations) -> z`` (:func:`fixed_point`,
 :func:`anderson_solver`), for each step's fixed point and, over the later sweeps, for the whole trajectory as the
@@ -65,7 +67,7 @@ from .inversion import (
     correct_noise,
     draw_noises,
 )
-from .samplers import check_sigmas
+from .samplers import ancestral_sigmas, check_sigmas
 from .solvers import accelerate
 
 Solver = Callable[[Callable[[Tensor], Tensor], Tensor, int], Tensor]
@@ -300,6 +302,47 @@ def dpmpp_2m_sde_steps(
     return steps
 
 
+def res_multistep_steps(
+    sigmas: Sequence[float], parameterization: str = "eps", eta: float = 0.0, s_noise: float = 1.0
+) -> list[MultistepStep]:
+    """ComfyUI ``res_multistep`` (``eta = 0``: ``sample_res_multistep``; ``eta = 1``: ``sample_res_multistep_ancestral``),
+    the same arithmetic on eps and flow models, ``t = -log sigma``, ``(sigma_down, sigma_up)`` the ancestral step::
+
+        first step or sigma_down == 0:  x_next = x + d (sigma_down - sigma)            (Euler to sigma_down)
+        otherwise:  h = t(sigma_down) - t(sigma),  c2 = (t(sigma_prev) - t(sigma_down_prev)) / h,
+                    b1 = phi1(-h) - phi2(-h) / c2,  b2 = phi2(-h) / c2
+                    x_next = exp(-h) x + h (b1 D + b2 D_prev)
+        + noise_sampler(sigma, sigma_next) s_noise sigma_up                             [sigma_next > 0]
+
+    with ``phi1(t) = expm1(t) / t``, ``phi2(t) = (phi1(t) - 1) / t``, and ``sigma_prev``, ``sigma_down_prev`` the
+    previous step's sigma and sigma_down.
+    """
+    steps = []
+    previous_sigma_down = None
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, eta)
+        noise_coeff = s_noise * sigma_up if sigma_next > 0 else 0.0
+        if sigma_down == 0 or previous_sigma_down is None:
+            ratio = sigma_down / sigma
+            steps.append(MultistepStep(sigma, sigma_next, ratio, 1.0 - ratio, 0.0, noise_coeff))
+        else:
+            t, t_down = -math.log(sigma), -math.log(sigma_down)
+            t_prev, t_down_prev = -math.log(sigmas[i - 1]), -math.log(previous_sigma_down)
+            h = t_down - t
+            c2 = (t_prev - t_down_prev) / h
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1, b2 = phi1 - phi2 / c2, phi2 / c2
+            step_ratio = (math.log(sigmas[i - 1]) - math.log(sigma)) / (math.log(sigma) - math.log(sigma_next))
+            steps.append(MultistepStep(sigma, sigma_next, math.exp(-h), h * b1, h * b2, noise_coeff, step_ratio))
+        previous_sigma_down = sigma_down
+    return steps
+
+
+def _res_multistep_ancestral(sigmas, parameterization="eps", eta=1.0, s_noise=1.0):
+    return res_multistep_steps(sigmas, parameterization, eta, s_noise)
+
+
 def _two_stage(step_function):
     def make(sigmas: Sequence[float], parameterization: str = "eps") -> list[TwoStageStep]:
         return [step_function(hi, lo) for hi, lo in zip(sigmas[:-1], sigmas[1:])]
@@ -318,8 +361,11 @@ MULTISTEP_SAMPLERS: dict[str, Callable[..., list]] = {
     "dpmpp_2m": dpmpp_2m_steps,
     "dpmpp_2m_sde": dpmpp_2m_sde_steps,
     "dpmpp_2m_sde_heun": _sde_heun,
+    "res_multistep": res_multistep_steps,
+    "res_multistep_ancestral": _res_multistep_ancestral,
 }
-_OPTIONS = {"dpmpp_2m_sde": frozenset({"eta", "s_noise"}), "dpmpp_2m_sde_heun": frozenset({"eta", "s_noise"})}
+_OPTIONS = {"dpmpp_2m_sde": frozenset({"eta", "s_noise"}), "dpmpp_2m_sde_heun": frozenset({"eta", "s_noise"}),
+            "res_multistep_ancestral": frozenset({"eta", "s_noise"})}
 
 #: ComfyUI samplers this package does not invert, and why (shown in errors and the README).
 NOT_INVERTIBLE: dict[str, str] = {
@@ -329,7 +375,6 @@ NOT_INVERTIBLE: dict[str, str] = {
     "dpmpp_2s_ancestral": "an ancestral two-stage step (noise after a midpoint evaluation); not implemented yet",
     "uni_pc": "its corrector re-evaluates the model at the already-stepped point and the predictor-corrector pair "
     "spans three steps; not implemented yet",
-    "res_multistep": "a multistep exponential integrator like dpmpp_2m; not implemented yet",
     "lms": "a 4th-order linear multistep method (four previous predictions per step); not implemented yet",
     "dpm_fast": "chooses its own step sizes (not the given schedule), so no trajectory exists to invert",
     "dpm_adaptive": "chooses its own step sizes adaptively (error control), so no trajectory exists to invert",
@@ -443,7 +488,8 @@ def invert_multistep(
     keep_trajectory: bool = False,
     callback: Callable[[int], None] | None = None,
 ) -> Inversion:
-    """Invert ``x0`` (the latent at ``sigmas[-1]``) up to ``sigmas[0]`` for heun, dpm_2, dpmpp_2m, dpmpp_2m_sde(_heun).
+    """Invert ``x0`` (the latent at ``sigmas[-1]``) up to ``sigmas[0]`` for heun, dpm_2, dpmpp_2m, dpmpp_2m_sde(_heun),
+    res_multistep(_ancestral).
 
     iterations: map evaluations per step (first sweep); a heun/dpm_2 evaluation costs 2 model calls.
     sweeps: trajectory sweeps for samplers whose step uses the previous prediction (dpmpp_2m*); ignored otherwise.

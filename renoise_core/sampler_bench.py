@@ -72,10 +72,14 @@ def sampler_table(model, sigmas: Tensor | None = None, quick: bool = False) -> l
         setting = f"anderson iterations=1 sweeps={sweeps} sweep_iterations=2"
         rows.append(_row(model, x0, sigmas, "dpmpp_2m", setting, iterations=1, sweeps=sweeps, sweep_iterations=2,
                          sweep_solver=anderson_solver()))
-    for mode in (None, "optimize", "exact"):
-        correction = NoiseCorrectionConfig(mode) if mode else None
-        setting = f"iterations=1 sweeps=2 sweep_iterations=2 noise_correction={mode}"
-        rows.append(_row(model, x0, sigmas, "dpmpp_2m_sde", setting, sweeps=2, sweep_iterations=2, noise_correction=correction))
+    for sweeps in (1,) if quick else (1, 2):
+        setting = f"fixed_point iterations=1 sweeps={sweeps} sweep_iterations=2"
+        rows.append(_row(model, x0, sigmas, "res_multistep", setting, iterations=1, sweeps=sweeps, sweep_iterations=2))
+    for sampler in ("dpmpp_2m_sde",) if quick else ("dpmpp_2m_sde", "res_multistep_ancestral"):
+        for mode in (None, "optimize", "exact"):
+            correction = NoiseCorrectionConfig(mode) if mode else None
+            setting = f"iterations=1 sweeps=2 sweep_iterations=2 noise_correction={mode}"
+            rows.append(_row(model, x0, sigmas, sampler, setting, sweeps=2, sweep_iterations=2, noise_correction=correction))
     return rows
 
 

@@ -19,6 +19,7 @@ from renoise_core.multistep import (
     planned_multistep_calls,
     sample_multistep,
 )
+from renoise_core.samplers import ancestral_sigmas
 from renoise_core.schedules import karras_schedule
 
 CLASSES = [0, 3]
@@ -105,7 +106,31 @@ def comfy_dpmpp_2m_sde(model, x, sigmas, noise_sampler, eta=1.0, s_noise=1.0, so
     return x
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"])
+def comfy_res_multistep(model, x, sigmas, noise_sampler, eta=0.0, s_noise=1.0):
+    """ComfyUI 0.3.64's ``res_multistep`` (cfg_pp off), transcribed."""
+    old_sigma_down, old_denoised = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * x.new_ones([x.shape[0]]))
+        sigma_down, sigma_up = ancestral_sigmas(float(sigmas[i]), float(sigmas[i + 1]), eta)
+        sigma_down, sigma_up = torch.tensor(sigma_down, dtype=x.dtype), torch.tensor(sigma_up, dtype=x.dtype)
+        if sigma_down == 0 or old_denoised is None:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+        else:
+            t, t_old, t_next, t_prev = -sigmas[i].log(), -old_sigma_down.log(), -sigma_down.log(), -sigmas[i - 1].log()
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1 = torch.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b1, b2 = phi1 - phi2 / c2, phi2 / c2
+            x = (-h).exp() * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep",
+                                     "res_multistep_ancestral"])
 def test_forward_matches_comfyui_arithmetic(model, sampler):
     sigmas = karras_schedule(6).double()
     denoiser = model.denoiser(CLASSES)
@@ -119,12 +144,14 @@ def test_forward_matches_comfyui_arithmetic(model, sampler):
         "dpmpp_2m": lambda: comfy_dpmpp_2m(denoiser, x, sigmas),
         "dpmpp_2m_sde": lambda: comfy_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler),
         "dpmpp_2m_sde_heun": lambda: comfy_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler, solver_type="heun"),
+        "res_multistep": lambda: comfy_res_multistep(denoiser, x, sigmas, noise_sampler),
+        "res_multistep_ancestral": lambda: comfy_res_multistep(denoiser, x, sigmas, noise_sampler, eta=1.0),
     }[sampler]()
     ours = sample_multistep(denoiser, x, sigmas, sampler, noises=noises)
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "res_multistep", "res_multistep_ancestral"])
 def test_multistep_inverse_undoes_forward(sampler):
     steps = make_multistep_steps(sampler, karras_schedule(5).double())
     g = torch.Generator().manual_seed(0)
@@ -151,7 +178,7 @@ def test_two_stage_fixed_point_is_the_upper_point(model, sampler):
     torch.testing.assert_close(x_next - step.increment(x, derivative(x, step.sigma), derivative), x)
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2", "dpmpp_2m", "res_multistep"])
 def test_reconstruction_at_20_karras_steps(model, photo, sampler):
     denoiser = model.denoiser(CLASSES)
     sigmas = karras_schedule(20)
@@ -236,7 +263,7 @@ def test_sampler_bench_rows():
     from renoise_core.sampler_bench import sampler_table, spectral_model
 
     rows = {(row.sampler, row.setting): row for row in sampler_table(spectral_model(), karras_schedule(8), quick=True)}
-    assert {sampler for sampler, _ in rows} == {"euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"}
+    assert {sampler for sampler, _ in rows} == {"euler", "heun", "dpmpp_2m", "res_multistep", "dpmpp_2m_sde"}
     assert all(math.isfinite(row.psnr_db) for row in rows.values())
     paper, accelerated = rows["euler", "fixed_point K=1"], rows["euler", "anderson K=1"]
     assert paper.calls == accelerated.calls == 16 and accelerated.psnr_db > paper.psnr_db

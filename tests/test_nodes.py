@@ -81,7 +81,7 @@ def test_invert_input_names_are_the_public_contract():
     assert list(spec["required"]) == ["model", "positive", "negative", "latent_image", "sampler_name", "scheduler", "steps",
                                       "denoise", "cfg", "renoise_steps", "seed"]
     assert spec["required"]["sampler_name"][0] == ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m",
-                                                   "dpmpp_2m_sde", "dpmpp_2m_sde_heun"]
+                                                   "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep", "res_multistep_ancestral"]
     assert spec["required"]["steps"][1]["default"] == 4 and spec["required"]["renoise_steps"][1]["default"] == 9
     assert spec["required"]["denoise"][1]["default"] == 1.0 and spec["required"]["cfg"][1]["default"] == 1.0
     assert list(spec["optional"]) == ["solver", "edit_loss", "noise_correction", "sigmas", "eta", "s_noise"]
@@ -262,14 +262,14 @@ def test_solver_node_and_default(graph):
     assert default_inversion.settings["solver"]["method"] == "anderson"
     assert default_inversion.settings == accelerated_inversion.settings != paper_inversion.settings
     assert default_inversion.denoiser_calls == paper_inversion.denoiser_calls == 12  # K = 2: 3 calls on each of 4 steps
-    for stochastic in ("euler_ancestral", "lcm", "ddpm", "dpmpp_2m_sde"):  # unconnected: plain iteration (measured)
+    for stochastic in ("euler_ancestral", "lcm", "ddpm", "dpmpp_2m_sde", "res_multistep_ancestral"):  # unconnected: plain
         _, inversion, _ = invert(graph, sampler_name=stochastic, renoise_steps=1)
         assert inversion.settings["solver"] == dataclasses.asdict(SolverSettings(method="fixed_point")), stochastic
-    for deterministic in ("heun", "dpmpp_2m"):
+    for deterministic in ("heun", "dpmpp_2m", "res_multistep"):
         _, inversion, _ = invert(graph, sampler_name=deterministic, scheduler="karras", renoise_steps=0)
         assert inversion.settings["solver"]["method"] == "anderson", deterministic
     tooltip = NODES["ReNoiseInvert"].INPUT_TYPES()["optional"]["solver"][1]["tooltip"]
-    assert "the paper's loop for euler_ancestral, lcm, ddpm and dpmpp_2m_sde*" in tooltip
+    assert "the paper's loop for euler_ancestral, lcm, ddpm, dpmpp_2m_sde* and res_multistep_ancestral" in tooltip
     with pytest.raises(ValueError, match="method must be one of"):
         NODES["ReNoiseSolver"]().build("newton", 3, 8, 250, 4, 0, 0.0)
     with pytest.raises(ValueError, match="takes a ReNoiseSolver node"):
@@ -345,11 +345,12 @@ def test_edit_friendly_node_refusals(graph):
                                       "denoise", "cfg", "skip", "seed"]
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "res_multistep", "res_multistep_ancestral"])
 def test_second_order_and_multistep_samplers_reconstruct_through_the_nodes(graph, sampler):
     (nc,) = NODES["NoiseCorrection"]().build("exact", 10, 1.8)
+    stochastic = sampler in ("dpmpp_2m_sde", "res_multistep_ancestral")
     latent, inversion, sigmas = invert(graph, sampler_name=sampler, scheduler="karras", steps=20, renoise_steps=1,
-                                       noise_correction=nc if sampler == "dpmpp_2m_sde" else None)
+                                       noise_correction=nc if stochastic else None)
     assert inversion.sampler_name == sampler and fake_comfy.Progress.log[-1] == (inversion.denoiser_calls,) * 2
     out = replay(graph, latent, inversion, sigmas)
     assert psnr(out["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).min() > 35  # euler here: 39 dB

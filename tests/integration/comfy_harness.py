@@ -1101,7 +1101,8 @@ def scenario_cancel_reference(workdir: Path) -> dict:
 
 
 def forward_mismatches() -> dict:
-    """ComfyUI's own k-diffusion functions (heun, dpm_2, dpmpp_2m, dpmpp_2m_sde(_heun)) against the core's forward
+    """ComfyUI's own k-diffusion functions (heun, dpm_2, dpmpp_2m, dpmpp_2m_sde(_heun), res_multistep(_ancestral))
+    against the core's forward
     pass on the analytic model, eps (karras) and flow (CONST): the largest difference relative to the output's scale."""
     import types
 
@@ -1133,8 +1134,8 @@ def forward_mismatches() -> dict:
         def noise_sampler(sigma, sigma_next, stored=stored, noises=noises):
             return noises[min(range(len(stored)), key=lambda i: abs(stored[i] - float(sigma)))]
 
-        for name in ("heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
-            extra = {"noise_sampler": noise_sampler} if "sde" in name else {}
+        for name in ("heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep", "res_multistep_ancestral"):
+            extra = {"noise_sampler": noise_sampler} if "sde" in name or name.startswith("res_multistep") else {}
             stock = getattr(k_sampling, "sample_" + name)(Model(), x.clone(), sigmas, disable=True, **extra)
             ours = sample_multistep(denoiser, x, sigmas, name, noises=noises, parameterization=parameterization)
             mismatches[f"{parameterization}_{name}"] = ((stock - ours).abs().max() / stock.abs().max()).item()
@@ -1157,6 +1158,11 @@ def scenario_samplers(workdir: Path) -> dict:
         "dpmpp_2m_sde_none": dict(sampler="dpmpp_2m_sde", renoise_steps=1),
         "heun_k1_ksampleradvanced": dict(sampler="heun", renoise_steps=1, continue_with="ksampleradvanced"),
         "dpmpp_2m_k1_ksampleradvanced": dict(sampler="dpmpp_2m", renoise_steps=1, continue_with="ksampleradvanced"),
+        "res_multistep_k1": dict(sampler="res_multistep", renoise_steps=1),
+        "res_multistep_k1_ksampleradvanced": dict(sampler="res_multistep", renoise_steps=1, continue_with="ksampleradvanced"),
+        "res_multistep_ancestral_exact": dict(sampler="res_multistep_ancestral", renoise_steps=1, noise_correction="exact"),
+        "res_multistep_ancestral_optimize": dict(sampler="res_multistep_ancestral", renoise_steps=1, noise_correction="optimize"),
+        "res_multistep_ancestral_none": dict(sampler="res_multistep_ancestral", renoise_steps=1),
         # on the spectral model: equal calls against euler's default, and anderson against plain iteration
         "spectral_euler_k0": dict(sampler="euler", renoise_steps=0, mixture="spectral"),
         "spectral_dpmpp_2m_k0": dict(sampler="dpmpp_2m", renoise_steps=0, mixture="spectral"),
