@@ -11,8 +11,7 @@ One inversion step, from the known lower point ``x_next`` up to ``x``, solves th
 - ``fixed_point`` (paper, Algorithm 1): ``z(0) = x_next``, ``z(k+1) = G(z(k))``; edit losses on the predictions of
   the averaging window; ``x = inverse_step(x_next, edit(mean of the window's raw predictions))``.
 - ``anderson``: the same fixed point (with edit losses, of the regularised map) solved by safeguarded Anderson
-  acceleration, warm-started from the step below's prediction (where noise correction ran, the prediction it made
-  at the step's lower point).
+  acceleration, warm-started from the step below's prediction.
 
 Then, for stochastic samplers, the step's noise is corrected so that the forward step from x lands on x_next.
 """
@@ -39,14 +38,15 @@ During inversion with edit losses the first evaluation of each step is made on a
 """
 
 NOISE_CORRECTION_MODES = ("optimize", "exact")
-#: On a stochastic step whose inversion map does not contract where the denoiser ignores a direction (lcm's: its
-#: fixed points form a family, and which one an iteration ends near depends on where it starts and how it moves;
-#: the noise correction then turns what is left into the next steps' error), anderson needs two checked secant
-#: steps, i.e. 4 evaluations (K = 3): with fewer it runs the paper's loop from the paper's start. (Every sampler's
-#: last step, to sigma 0, is such a map too, but adds no noise: there anderson is +10 dB and more at K = 1.)
-#: Measured in the solver bench (``./dev bench``), lcm with 2 or 3 evaluations: anderson 0.5 to 1.4 dB below the
-#: paper's loop (isotropic K = 1, spectral and learned K = 2), and no variant of its start measured better there
-#: everywhere; from K = 3 on it is +0.2 to +48 dB ahead.
+#: The fewest evaluations with which anderson solves a step that adds noise; with fewer it runs the paper's loop
+#: from the paper's start. With two (K = 1) it has no secant step to take and differs from the paper's loop only by
+#: its warm start, which assumes a prediction that varies smoothly from step to step: on these steps fresh noise
+#: enters each one (measured in the solver bench, ``./dev bench``: from 1.0 dB below the paper's loop to 2 dB above).
+#: lcm's steps also do not contract where the denoiser ignores a direction (``AffineStep.inverse_gain`` 1: their
+#: fixed points form a family, and which one an iteration ends near depends on where it starts and how it moves):
+#: there anderson needs two checked secant steps, 4 evaluations (K = 2 measured up to 3.9 dB below the paper's loop).
+#: Every sampler's last step, to sigma 0, has gain 1 too but adds no noise: there anderson is +10 dB and more at K = 1.
+MIN_ANDERSON_EVALUATIONS_STOCHASTIC = 3
 MIN_ANDERSON_EVALUATIONS_LCM = 4
 #: smallest latent side the edit losses are defined for (the pair loss's pyramid stops at 8)
 MIN_EDIT_LOSS_SIZE = 8
@@ -81,9 +81,8 @@ class ReNoiseConfig:
 
     renoise_steps: K, renoising iterations per inversion step (K + 1 denoiser evaluations). 0 = plain reversal.
     solver: ``"fixed_point"`` (the paper's loop, the default here) or ``"anderson"`` (accelerated; see
-        ``solvers.py``). Both make the same number of evaluations. On a stochastic step whose map does not
-        contract (lcm's, ``AffineStep.inverse_gain`` 1) anderson runs the paper's loop below
-        ``MIN_ANDERSON_EVALUATIONS_LCM`` evaluations.
+        ``solvers.py``). Both make the same number of evaluations. On a step that adds noise anderson runs the
+        paper's loop below 3 evaluations (lcm: 4), see ``MIN_ANDERSON_EVALUATIONS_STOCHASTIC``.
     history: anderson only: how many previous residuals its secant model uses.
     average_start: fixed_point only: evaluation index (0..K) where the averaging window starts; the window runs
         to the last evaluation. The reference averages evaluations 8 and 9. Clamped to K.
@@ -301,9 +300,7 @@ def invert(
                 return regularize_noise_prediction(eps, reference.get("eps"), rolls_now, edit)
 
         problem = StepProblem(step, x_next, noise, predict, regularize)
-        paper_loop = config.solver == "fixed_point" or (
-            step.is_stochastic and step.inverse_gain >= 1.0 - 1e-9 and k_max + 1 < MIN_ANDERSON_EVALUATIONS_LCM
-        )
+        paper_loop = config.solver == "fixed_point" or (step.is_stochastic and k_max + 1 < _min_anderson_evaluations(step))
         if not paper_loop:
             start = x_next if warm_start is None else step.inverse(x_next, warm_start, noise)
             solution = anderson(problem, start, k_max + 1, config.history, config.convergence_tol)
@@ -312,11 +309,8 @@ def invert(
         x, warm_start = solution.latent, solution.prediction
 
         if config.noise_correction is not None and step.is_stochastic:
-            eps_at_x = eps_hat(x, step.sigma, sigma_batch)
-            required = step.required_noise(x, x_next, eps_at_x)
+            required = step.required_noise(x, x_next, eps_hat(x, step.sigma, sigma_batch))
             noises[i] = correct_noise(noise, required, config.noise_correction)
-            if edit is None:  # the next step's map is unregularised: its warm start can be the prediction at its
-                warm_start = eps_at_x  # lower point itself, already paid for (with edit losses it stays regularised)
 
         diagnostics[i] = StepDiagnostics(
             sigma=step.sigma,
@@ -348,6 +342,12 @@ def invert(
         steps=tuple(diagnostics),
         trajectory=torch.stack(trajectory[::-1]) if keep_trajectory else None,
     )
+
+
+def _min_anderson_evaluations(step: AffineStep) -> int:
+    """See ``MIN_ANDERSON_EVALUATIONS_STOCHASTIC``: for a step that adds noise."""
+    contracts = step.inverse_gain < 1.0 - 1e-9
+    return MIN_ANDERSON_EVALUATIONS_STOCHASTIC if contracts else MIN_ANDERSON_EVALUATIONS_LCM
 
 
 def check_latent(x0: Tensor) -> None:

@@ -131,16 +131,7 @@ _PREDICTION_SLACK = 2.0
 
 
 def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int, tol: float | None = None) -> StepSolution:
-    """Anderson acceleration (:func:`accelerate`) of one inversion step's map ``G(z) = inverse(R(eps_hat(z)))``.
-
-    The result on a stochastic step is the image ``G(z)`` of the last evaluated point (the best one's where the
-    residual grew), never an extrapolation. The error that matters there is not the residual's norm but what the
-    next denoiser call makes of it: the noise correction after the solve absorbs part of the residual, and a plain
-    step leaves the rest in the directions the denoiser is insensitive to (on lcm the residual of ``G(z)`` is
-    ``(I - J_D)`` times the last one), where a secant extrapolation leaves it in any direction. Measured in the
-    solver bench (``./dev bench``): spectral lcm at K = 2 went from 3.9 dB below the paper's loop to 0.6, while the
-    extrapolation is worth 4 to 5 dB on deterministic steps (euler), which keep it.
-    """
+    """Anderson acceleration (:func:`accelerate`) of one inversion step's map ``G(z) = inverse(R(eps_hat(z)))``."""
 
     def evaluate(z: Tensor, evaluation: int) -> tuple[Tensor, Tensor]:
         eps = problem.predict(z, evaluation)
@@ -148,7 +139,7 @@ def anderson(problem: StepProblem, start: Tensor, evaluations: int, history: int
             eps = problem.regularize(eps)
         return problem.inverse(eps), eps
 
-    return accelerate(evaluate, start, evaluations, history, tol, extrapolate=not problem.step.is_stochastic)
+    return accelerate(evaluate, start, evaluations, history, tol)
 
 
 def accelerate(
@@ -157,7 +148,6 @@ def accelerate(
     evaluations: int,
     history: int,
     tol: float | None = None,
-    extrapolate: bool = True,
 ) -> StepSolution:
     """Anderson acceleration of ``z = G(z)``, each batch item with its own mixing coefficients.
 
@@ -176,8 +166,7 @@ def accelerate(
     - an evaluation at a secant point the model did not predict well is not trusted: the result then falls back to
       the image of the last trusted point; the result is the last secant extrapolation only where the model was
       right at the last evaluation (it cannot be checked without another call), and the best point's image where
-      the last residual grew. ``extrapolate=False``: the result is the image of the last evaluated point (the
-      best one's where the residual grew), never an extrapolation.
+      the last residual grew.
 
     The map's own evaluation is the only cost; the rest is O(history x size) arithmetic.
     """
@@ -233,11 +222,8 @@ def accelerate(
             break
         if k + 1 < evaluations:
             z = z_next
-    if extrapolate:
-        solution.latent = torch.where(grown.view(expand), best_image, trusted_image)
-        solution.latent = torch.where((accelerated & confirmed).view(expand), z_next, solution.latent)
-    else:
-        solution.latent = torch.where(grown.view(expand), best_image, image)
+    solution.latent = torch.where(grown.view(expand), best_image, trusted_image)
+    solution.latent = torch.where((accelerated & confirmed).view(expand), z_next, solution.latent)
     solution.prediction = best_prediction
     return solution
 

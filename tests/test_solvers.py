@@ -191,69 +191,20 @@ def test_paper_loop_on_the_shorter_schedule_is_unchanged_by_the_solver_field(mix
     assert torch.equal(a.latent, b.latent)
 
 
-def test_anderson_ends_a_stochastic_step_on_the_plain_image_of_its_last_point(spectral, turbo_sigmas):
-    """On a stochastic step the result is ``G`` of the last evaluated point, never a secant extrapolation (which a
-    deterministic step may return)."""
-    from renoise_core.solvers import StepProblem, anderson
-
-    x0 = spectral.sample(CLASSES, seed=5)
-    denoiser = spectral.denoiser(CLASSES)
-    for sampler, expect_image in (("euler_ancestral", True), ("euler", False)):
-        step = make_steps(sampler, turbo_sigmas)[1]
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
-        x_next = x0 + step.sigma_next * noise
-        evaluated = []
-
-        def predict(z, evaluation, step=step, evaluated=evaluated):
-            eps = (z - denoiser(z, torch.full((z.shape[0],), step.sigma))) / step.sigma
-            evaluated.append(eps)
-            return eps
-
-        problem = StepProblem(step, x_next, noise if step.is_stochastic else None, predict)
-        solution = anderson(problem, x_next, 6, history=3)
-        last_image = problem.inverse(evaluated[-1])
-        assert torch.equal(solution.latent, last_image) == expect_image, sampler
-
-
-def test_anderson_warm_starts_from_the_noise_correction_prediction(spectral, turbo_sigmas):
-    """With noise correction, the step above starts from the step taken with the prediction the correction made at
-    its lower point (no extra call): its first evaluation is at ``inverse(x_next, eps(x_next), noise)``."""
-    from renoise_core.inversion import draw_noises
-
-    x0 = spectral.sample(CLASSES, seed=1)
-    model = spectral.denoiser(CLASSES)
-    calls = []
-
-    def denoiser(x, sigma):
-        denoised = model(x, sigma)
-        calls.append((x.clone(), float(sigma[0]), denoised))
-        return denoised
-
-    config = ReNoiseConfig(solver="anderson", renoise_steps=3, noise_correction=NoiseCorrectionConfig("optimize"))
-    invert(denoiser, x0, turbo_sigmas, "euler_ancestral", config=config, seed=11)
-    steps = make_steps("euler_ancestral", turbo_sigmas)
-    # step 3 (to sigma 0, no noise): 4 calls; step 2: 4 calls and the correction's call (index 8); step 1 from 9
-    corrected_at, sigma, denoised = calls[8]
-    assert sigma == pytest.approx(steps[2].sigma) and steps[2].is_stochastic
-    noises, _ = draw_noises(x0.shape, len(steps), [11 + b for b in range(len(CLASSES))])
-    expected_start = steps[1].inverse(corrected_at, (corrected_at - denoised) / sigma, noises[1])
-    assert calls[9][1] == pytest.approx(steps[1].sigma)
-    torch.testing.assert_close(calls[9][0], expected_start)
-
-
-def test_anderson_runs_the_paper_loop_on_short_lcm_steps(spectral, turbo_sigmas):
-    """lcm's stochastic steps do not contract (``inverse_gain`` 1): below 4 evaluations anderson is the paper's
-    loop there, bit for bit; from K = 3 it is itself. (The schedule stops above 0, so every step adds noise.)"""
-    steps = make_steps("lcm", turbo_sigmas)
-    assert all(s.inverse_gain == pytest.approx(1.0) for s in steps)
+def test_anderson_runs_the_paper_loop_on_short_stochastic_steps(spectral, turbo_sigmas):
+    """On steps that add noise anderson needs 3 evaluations (K = 2), on lcm's, which do not contract
+    (``inverse_gain`` 1), 4 (K = 3): below that it is the paper's loop, bit for bit. (The schedule stops above 0,
+    so every step adds noise.)"""
+    assert all(s.inverse_gain == pytest.approx(1.0) for s in make_steps("lcm", turbo_sigmas))
     assert all(s.inverse_gain < 1.0 for s in make_steps("euler_ancestral", turbo_sigmas)[:-1])
     x0 = spectral.sample(CLASSES, seed=3)
-    denoiser = spectral.consistency_denoiser(CLASSES, substeps=6)
     sigmas = turbo_sigmas[:-1]
     correction = NoiseCorrectionConfig("optimize")
-    for k, same in ((1, True), (2, True), (3, False)):
-        config = ReNoiseConfig(renoise_steps=k, noise_correction=correction)
-        paper = invert(denoiser, x0, sigmas, "lcm", config=config, seed=5)
-        fast = invert(denoiser, x0, sigmas, "lcm", config=dataclasses.replace(config, solver="anderson"), seed=5)
-        assert paper.denoiser_calls == fast.denoiser_calls
-        assert torch.equal(paper.latent, fast.latent) == same, k
+    for sampler, first_own_k in (("euler_ancestral", 2), ("lcm", 3)):
+        denoiser = spectral.consistency_denoiser(CLASSES, substeps=6) if sampler == "lcm" else spectral.denoiser(CLASSES)
+        for k in range(1, first_own_k + 1):
+            config = ReNoiseConfig(renoise_steps=k, noise_correction=correction)
+            paper = invert(denoiser, x0, sigmas, sampler, config=config, seed=5)
+            fast = invert(denoiser, x0, sigmas, sampler, config=dataclasses.replace(config, solver="anderson"), seed=5)
+            assert paper.denoiser_calls == fast.denoiser_calls
+            assert torch.equal(paper.latent, fast.latent) == (k < first_own_k), (sampler, k)
