@@ -70,12 +70,16 @@ class Case:
         return psnr(out, self.x0).mean().item(), inversion.denoiser_calls
 
 
+def spectral_model(parameterization: str = "eps") -> SpectralMixture:
+    """The benches' mixture whose 16 components share a natural-image spectrum, latents ``[4, 32, 32]``."""
+    return SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0, parameterization=parameterization)
+
+
 def models() -> dict[str, tuple[object, object, str]]:
     """name -> (model with ``denoiser`` (and, for the exact ones, ``consistency_denoiser``), the mixture whose
     ``sample`` gives the test latents, parameterization). The learned network is tested on held-out samples of the
     spectral mixture it was trained on."""
-    spectral = SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0)
-    flow = SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0, parameterization="flow")
+    spectral, flow = spectral_model(), spectral_model("flow")
     isotropic = GaussianMixture.random(components=16, shape=(4, 32, 32), std=1.0, seed=0)
     found = {"isotropic": (isotropic, isotropic, "eps"), "spectral": (spectral, spectral, "eps"), "spectral-flow": (flow, flow, "flow")}
     try:

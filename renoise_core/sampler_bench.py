@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .analytic import GaussianMixture, SpectralMixture, psnr
+from .analytic import GaussianMixture, psnr
+from .bench_solvers import spectral_model
 from .inversion import NoiseCorrectionConfig, ReNoiseConfig, invert, sample
 from .multistep import anderson_solver, invert_multistep, sample_multistep
 from .schedules import karras_schedule
@@ -87,11 +88,6 @@ def markdown(rows: list[Row]) -> str:
     lines = ["| sampler | setting | calls | PSNR (dB) |", "|---|---|---:|---:|"]
     lines += [f"| {r.sampler} | {r.setting} | {r.calls} | {r.psnr_db:.1f} |" for r in rows]
     return "\n".join(lines)
-
-
-def spectral_model() -> SpectralMixture:
-    """The bench's spectral mixture (the same as ``bench_solvers``'s)."""
-    return SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0)
 
 
 def report(steps: int = 20) -> list[str]:

@@ -13,9 +13,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from renoise_core.analytic import GaussianMixture  # noqa: E402
+from renoise_core.bench_solvers import spectral_model  # noqa: E402
 from renoise_core.learned import load_learned_denoiser  # noqa: E402
 from renoise_core.multistep import anderson_solver  # noqa: E402
-from renoise_core.sampler_bench import CLASSES, _row, spectral_model  # noqa: E402
+from renoise_core.sampler_bench import CLASSES, _row  # noqa: E402
 from renoise_core.schedules import karras_schedule  # noqa: E402
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renoise_core.analytic import GaussianMixture, SpectralMixture, psnr  # noqa: E402
+from renoise_core.analytic import GaussianMixture, psnr  # noqa: E402
+from renoise_core.bench_solvers import spectral_model  # noqa: E402
 from renoise_core.edit_losses import EditLossConfig  # noqa: E402
 from renoise_core.inversion import NoiseCorrectionConfig, ReNoiseConfig, invert, sample  # noqa: E402
 from renoise_core.learned import load_learned_denoiser  # noqa: E402
@@ -51,7 +52,7 @@ def compare(model: str, label: str, denoiser, x0, sigmas, sampler: str, k: int, 
 def main() -> None:
     training_sigmas = sd_discrete_sigmas()
     sigmas, early = simple_schedule(training_sigmas, 4), sigma_at_timestep(training_sigmas, 250)
-    spectral = SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0)
+    spectral = spectral_model()
     models = {"spectral": spectral, "isotropic": GaussianMixture.random(components=16, shape=(4, 32, 32), std=1.0, seed=0)}
     print("| model | sampler | K | median fixed_point | median anderson | anderson +1 dB | anderson -1 dB | worst |")
     print("|---|---|---|---|---|---|---|---|")
@@ -65,7 +66,7 @@ def main() -> None:
                 compare(name, label, denoiser, x0, sigmas, sampler, k, early, correction=correction, edit_loss=edit_loss)
     # euler, the sampler anderson is the default for, also on the trained network and the flow model
     learned, x0 = load_learned_denoiser().denoiser(CLASSES), spectral.sample(CLASSES, seed=1)
-    flow = SpectralMixture.random(components=16, shape=(4, 32, 32), within=1.0, seed=0, parameterization="flow")
+    flow = spectral_model("flow")
     for k in (2, 9):
         compare("learned", "euler", learned, x0, sigmas, "euler", k, early)
     for k in (2, 9):

@@ -260,7 +260,8 @@ def test_dpmpp_2m_sweeps_converge_toward_the_joint_solution(model, photo):
 def test_sampler_bench_rows():
     """The per-sampler table ``./dev bench`` prints: every sampler, finite, calls as planned; on the spectral model
     anderson's euler beats the paper loop's at equal calls, and exact noise correction reconstructs dpmpp_2m_sde."""
-    from renoise_core.sampler_bench import sampler_table, spectral_model
+    from renoise_core.bench_solvers import spectral_model
+    from renoise_core.sampler_bench import sampler_table
 
     rows = {(row.sampler, row.setting): row for row in sampler_table(spectral_model(), karras_schedule(8), quick=True)}
     assert {sampler for sampler, _ in rows} == {"euler", "heun", "dpmpp_2m", "res_multistep", "dpmpp_2m_sde"}
