@@ -158,12 +158,14 @@ class ReNoiseInvert:
             raise ValueError(f"ReNoiseInvert: edit losses are not supported with {sampler_name} yet; disconnect edit_loss "
                              "or use euler / euler_ancestral.")
 
-        # heun, dpm_2: renoise_steps + 1 evaluations per step; dpmpp_2m*, res_multistep*: one first sweep, then renoise_steps sweeps of 2
-        multistep_settings = {"iterations": renoise_steps + 1} if sampler_name in ("heun", "dpm_2") else \
-            {"iterations": 1, "sweeps": renoise_steps + 1, "sweep_iterations": 2}
-        # anderson: on each step's fixed point for heun and dpm_2, on the trajectory over the sweeps for the multistep ones
-        accelerated = anderson_solver(solver.history) if solver.method == "anderson" else multistep_fixed_point
-        multistep_solvers = {"solver": accelerated} if sampler_name in ("heun", "dpm_2") else {"sweep_solver": accelerated}
+        # heun, dpm_2: renoise_steps + 1 evaluations of each step's fixed point, solved by the chosen method;
+        # dpmpp_2m*, res_multistep*: one first sweep, then renoise_steps sweeps of 2, the sweeps solved by it
+        multistep_solver = anderson_solver(solver.history) if solver.method == "anderson" else multistep_fixed_point
+        if sampler_name in ("heun", "dpm_2"):
+            multistep_settings, multistep_solvers = {"iterations": renoise_steps + 1}, {"solver": multistep_solver}
+        else:
+            multistep_settings = {"iterations": 1, "sweeps": renoise_steps + 1, "sweep_iterations": 2}
+            multistep_solvers = {"sweep_solver": multistep_solver}
 
         def run(denoiser, x0, sigmas_descending, seeds, callback):
             if multistep:
