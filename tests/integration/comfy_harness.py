@@ -135,7 +135,11 @@ class AnalyticUNet(torch.nn.Module):
         x_k = (x.double() * scale).float()
         prior = context[:, 0, :NUM_CLASSES].double()
         prior = prior / prior.sum(1, keepdim=True)
-        mixture = self.mixture if tuple(x_k.shape[1:]) == tuple(self.mixture.means.shape[1:]) else mixture_for(x_k.shape[1:])
+        mixture = self.mixture
+        if tuple(x_k.shape[1:]) != tuple(mixture.means.shape[1:]):
+            if mixture is not MIXTURE:  # only the isotropic model exists at every size; never swap another one for it
+                raise ValueError(f"latent {tuple(x_k.shape[1:])} does not fit the analytic model {tuple(mixture.means.shape[1:])}")
+            mixture = mixture_for(x_k.shape[1:])
         x0 = mixture.posterior_mean(x_k, sigma, prior).double()
         INTERRUPT.count_call()
         eps = (x_k.double() - x0) / sigma.double().view(-1, 1, 1, 1)
@@ -198,13 +202,18 @@ class AnalyticLatent:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"classes": ("STRING", {"default": "3"}), "seed": ("INT", {"default": 1})},
-                "optional": {"mixture": (list(MIXTURES),), "height": ("INT", {"default": LATENT_SHAPE[1]}),
-                             "width": ("INT", {"default": LATENT_SHAPE[2]})}}
+                "optional": {"mixture": (list(MIXTURES),), "height": ("INT", {"default": 0}),  # 0: the model's own size
+                             "width": ("INT", {"default": 0})}}
 
-    def make(self, classes, seed, mixture="isotropic", height=LATENT_SHAPE[1], width=LATENT_SHAPE[2]):
+    def make(self, classes, seed, mixture="isotropic", height=None, width=None):
+        """Samples of ``mixture`` at its own size; ``height`` / ``width`` (latent pixels) pick another size, which
+        only the isotropic model has."""
         model = MIXTURES[mixture]
-        if (height, width) != tuple(model.means.shape[2:]):
-            model = mixture_for((LATENT_SHAPE[0], height, width))  # other sizes: the isotropic model of that size
+        size = (height or model.means.shape[2], width or model.means.shape[3])
+        if size != tuple(model.means.shape[2:]):
+            if mixture != "isotropic":
+                raise ValueError(f"the {mixture} model's latents are {tuple(model.means.shape[2:])}, not {size}")
+            model = mixture_for((LATENT_SHAPE[0], *size))  # other sizes: the isotropic model of that size
         x0 = model.sample([int(c) for c in classes.split(",")], seed=seed)
         CAPTURED["x0"] = x0
         return ({"samples": x0 / SD15_SCALE},)  # LATENT space; the sampler sees x0 after process_in

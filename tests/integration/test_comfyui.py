@@ -184,7 +184,9 @@ def inversion_calls(result: dict, sampling_steps: int = 4) -> int:
 
 
 def test_accelerated_solver_through_the_real_host(solvers):
-    """Issue targets on the spectral exact model, 4 steps, simple schedule, measured through the nodes."""
+    """Issue targets on the spectral exact model, 4 steps, simple schedule, measured through the nodes (ComfyUI
+    a125cd8, CPU): euler 40.4 dB (paper loop, 35 calls), 55.4 (anderson, 12), 71.9 (anderson, 35);
+    euler_ancestral + optimize 25.9 -> 60.2; flow 59.7 -> 91.1."""
     paper = ok(solvers["euler_paper_k9"])
     fast, equal = ok(solvers["euler_anderson_k2"]), ok(solvers["euler_anderson_k9"])
     assert (inversion_calls(paper), inversion_calls(fast), inversion_calls(equal)) == (35, 12, 35)
