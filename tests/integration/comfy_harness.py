@@ -1175,6 +1175,8 @@ def scenario_samplers(workdir: Path) -> dict:
         # on the spectral model: equal calls against euler's default, and anderson against plain iteration
         "spectral_euler_k0": dict(sampler="euler", renoise_steps=0, mixture="spectral"),
         "spectral_dpmpp_2m_k0": dict(sampler="dpmpp_2m", renoise_steps=0, mixture="spectral"),
+        "spectral_euler_k1": dict(sampler="euler", renoise_steps=1, mixture="spectral"),  # 40 calls
+        "spectral_heun_k0": dict(sampler="heun", renoise_steps=0, mixture="spectral"),  # 39 calls
         "spectral_heun_k3": dict(sampler="heun", renoise_steps=3, mixture="spectral"),
         "spectral_heun_k3_fixed_point": dict(sampler="heun", renoise_steps=3, mixture="spectral", solver="fixed_point"),
         "spectral_dpmpp_2m_k4": dict(sampler="dpmpp_2m", renoise_steps=4, mixture="spectral"),
