@@ -139,6 +139,22 @@ class GaussianMixture(MixtureModel):
         stds = std * (0.75 + 0.5 * torch.rand((components,), generator=generator, dtype=torch.float64))
         return cls(means, stds, parameterization)
 
+    @classmethod
+    def boxed(cls, components: int = 16, shape=(4, 16, 16), box=(slice(4, 12), slice(5, 13)), seed: int = 0) -> GaussianMixture:
+        """Unit-variance components whose means agree outside ``box`` (latent rows, columns) and differ inside it
+        along one +-1 pattern, by levels evenly spaced in [-0.5, 0.5] (classes 3 and 9 of 16: 0.4 apart). Classes
+        only a local edit's region tells apart, close enough that a prompt (class) change can move a sample from one
+        to the other."""
+        generator = torch.Generator().manual_seed(seed)
+        base = torch.randn((1,) + tuple(shape), generator=generator, dtype=torch.float64)
+        means = base.repeat(components, 1, 1, 1)
+        rows, cols = box
+        box_shape = (1, shape[0], len(range(*rows.indices(shape[1]))), len(range(*cols.indices(shape[2]))))
+        pattern = torch.randn(box_shape, generator=generator, dtype=torch.float64).sign()
+        levels = torch.linspace(-0.5, 0.5, components, dtype=torch.float64).view(-1, 1, 1, 1)
+        means[:, :, rows, cols] += levels * pattern
+        return cls(means, torch.ones(components, dtype=torch.float64))
+
     def sample(self, classes: list[int], seed: int = 0) -> Tensor:
         generator = torch.Generator().manual_seed(seed)
         idx = torch.as_tensor(classes).long()

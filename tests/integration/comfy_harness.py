@@ -59,17 +59,7 @@ SD15_SCALE = 0.18215
 BOX = (slice(4, 12), slice(5, 13))
 
 
-def boxed_mixture() -> GaussianMixture:
-    generator = torch.Generator().manual_seed(0)
-    base = torch.randn((1,) + LATENT_SHAPE, generator=generator, dtype=torch.float64)
-    means = base.repeat(NUM_CLASSES, 1, 1, 1)
-    pattern = torch.randn((1, LATENT_SHAPE[0], 8, 8), generator=generator, dtype=torch.float64).sign()
-    levels = torch.linspace(-0.5, 0.5, NUM_CLASSES, dtype=torch.float64).view(-1, 1, 1, 1)  # classes 3 and 9: 0.4 apart
-    means[:, :, BOX[0], BOX[1]] += levels * pattern
-    return GaussianMixture(means, torch.ones(NUM_CLASSES, dtype=torch.float64))
-
-
-MIXTURES["boxed"] = boxed_mixture()
+MIXTURES["boxed"] = GaussianMixture.boxed(NUM_CLASSES, LATENT_SHAPE, BOX, seed=0)
 CAPTURED: dict[str, torch.Tensor] = {}
 NETWORK_CALLS = {"count": 0}  # forward calls of the analytic networks (one per denoiser call at cfg 1)
 
