@@ -154,9 +154,9 @@ class ReNoiseInvert:
         options = _sampler_options(sampler_name, eta, s_noise)
 
         multistep = is_multistep_sampler(sampler_name)  # heun, dpm_2, dpmpp_2m*, res_multistep*: renoise_core.multistep
-        if multistep and config.edits():
-            raise ValueError(f"ReNoiseInvert: edit losses are not supported with {sampler_name} yet; disconnect edit_loss "
-                             "or use euler / euler_ancestral.")
+        if sampler_name in ("heun", "dpm_2") and config.edits():
+            raise ValueError(f"ReNoiseInvert: edit losses are not supported with {sampler_name} (two model evaluations per "
+                             "step); disconnect edit_loss (its inversions edit without them), or use dpmpp_2m or euler.")
 
         # heun, dpm_2: renoise_steps + 1 evaluations of each step's fixed point, solved by the chosen method;
         # dpmpp_2m*, res_multistep*: one first sweep, then renoise_steps sweeps of 2, the sweeps solved by it
@@ -170,8 +170,8 @@ class ReNoiseInvert:
         def run(denoiser, x0, sigmas_descending, seeds, callback):
             if multistep:
                 return invert_multistep(denoiser, x0, sigmas_descending, sampler_name, seed=seeds, noise_correction=noise_correction,
-                                        parameterization=parameterization, callback=callback, **multistep_settings,
-                                        **multistep_solvers)
+                                        edit_loss=edit_loss, parameterization=parameterization, callback=callback,
+                                        **multistep_settings, **multistep_solvers)
             return invert(denoiser, x0, sigmas_descending, sampler_name, config=config, seed=seeds, sampler_options=options,
                           parameterization=parameterization, callback=callback, keep_trajectory=True)
 

@@ -194,6 +194,15 @@ def _seeds_for(seed: int | Sequence[int], batch: int) -> tuple[int, ...]:
     return seeds
 
 
+def check_edit_loss_latent(x0: Tensor) -> None:
+    """Edit losses work on patches and a pyramid of the latent ``[B, C, H, W]``: refuse latents too small for them."""
+    if min(x0.shape[2:]) < MIN_EDIT_LOSS_SIZE:
+        raise ValueError(
+            f"edit losses need a latent of at least {MIN_EDIT_LOSS_SIZE}x{MIN_EDIT_LOSS_SIZE} (images of 64 px and more), "
+            f"got {tuple(x0.shape[2:])}; disconnect the edit losses for such small images"
+        )
+
+
 def draw_noises(shape: Sequence[int], num_steps: int, seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Per-item Gaussian noises from seeded CPU generators (identical on every device).
 
@@ -252,11 +261,8 @@ def invert(
     x0 = x0.to(dtype)
 
     edit = config.edit_loss if config.edits() else None
-    if edit is not None and min(x0.shape[2:]) < MIN_EDIT_LOSS_SIZE:
-        raise ValueError(
-            f"edit losses need a latent of at least {MIN_EDIT_LOSS_SIZE}x{MIN_EDIT_LOSS_SIZE} (images of 64 px and more), "
-            f"got {tuple(x0.shape[2:])}; disconnect the edit losses for such small images"
-        )
+    if edit is not None:
+        check_edit_loss_latent(x0)
     rolls = _draw_all_rolls(steps, config, x0.shape, seeds, device) if edit is not None and edit.lambda_ac > 0 else None
     calls = 0
 
@@ -391,20 +397,28 @@ def correct_noise(noise: Tensor, required: Tensor, config: NoiseCorrectionConfig
 def _draw_all_rolls(
     steps: list[AffineStep], config: ReNoiseConfig, shape: torch.Size, seeds: Sequence[int], device: torch.device
 ) -> list[Tensor]:
-    """Pair-loss shifts for every regularisation an inversion can make, per step: int64
-    ``[regularisations, reg_steps, ac_rolls, levels, B, C]``, moved to the device once, before the loop
-    (fixed_point: one set per prediction of the window and one for their average; anderson: one set per step).
+    """Pair-loss shifts for every regularisation an inversion can make (fixed_point: one set per prediction of the
+    window and one for their average; anderson: one set per step); see :func:`draw_step_rolls`."""
+    counts = []
+    for step in steps:
+        k, average_start = config.plan(step.sigma)
+        counts.append((k + 1 - average_start) + 1 if config.solver == "fixed_point" else 1)  # the window plus the average
+    return draw_step_rolls(counts, config.edit_loss, shape, seeds, device)
+
+
+def draw_step_rolls(counts: Sequence[int], edit: EditLossConfig, shape: torch.Size, seeds: Sequence[int],
+                    device: torch.device) -> list[Tensor]:
+    """Pair-loss shifts for ``counts[i]`` regularisations at step ``i``, per step: int64
+    ``[counts[i], reg_steps, ac_rolls, levels, B, C]``, moved to the device once, before the inversion loop. Drawn
+    from the last step up (inversion order).
 
     Each item has its own generator (seeded from its seed), so a batch item gets the shifts it would get alone.
     """
-    edit = config.edit_loss
     _, channels, height, _ = shape
     levels = len(pyramid_sizes(height))
     generators = [np.random.default_rng([seed, 0x5EED]) for seed in seeds]
     rolls = []
-    for i in reversed(range(len(steps))):
-        k, average_start = config.plan(steps[i].sigma)
-        count = (k + 1 - average_start) + 1 if config.solver == "fixed_point" else 1  # the window plus the average
+    for count in reversed(counts):
         per_item = [draw_rolls(g, height, channels, count * edit.reg_steps * edit.ac_rolls) for g in generators]
         stacked = np.stack(per_item, axis=-2).reshape(count, edit.reg_steps, edit.ac_rolls, levels, len(seeds), channels)
         rolls.append(stacked)

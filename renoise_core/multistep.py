@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .edit_losses import EditLossConfig, regularize_noise_prediction
 from .inversion import (
     Denoiser,
     Inversion,
@@ -66,11 +67,13 @@ from .inversion import (
     StepDiagnostics,
     _check_noises,
     _seeds_for,
+    check_edit_loss_latent,
     check_latent,
     correct_noise,
     draw_noises,
+    draw_step_rolls,
 )
-from .samplers import ancestral_sigmas, check_sigmas
+from .samplers import ancestral_sigmas, check_sigmas, noised
 from .solvers import accelerate
 
 Solver = Callable[[Callable[[Tensor], Tensor], Tensor, int], Tensor]
@@ -492,6 +495,7 @@ def invert_multistep(
     sweep_iterations: int | None = 2,
     seed: int | Sequence[int] = 0,
     noise_correction: NoiseCorrectionConfig | None = None,
+    edit_loss: EditLossConfig | None = None,
     parameterization: str = "eps",
     sampler_options: dict[str, float] | None = None,
     noises: Tensor | None = None,
@@ -509,6 +513,11 @@ def invert_multistep(
         from the previous sweep's point.
     noise_correction: for dpmpp_2m_sde: after the sweeps, one forward pass along the inverted trajectory corrects
         each stored noise toward the one that lands on the trajectory's next point (one model call per step).
+    edit_loss: the editability regularisation of each step's noise prediction inside its fixed-point map, as
+        :func:`renoise_core.inversion.invert` makes it (the reference prediction rides along in the step's first
+        model call as a doubled batch; one set of pair-loss shifts per step, so each map is a fixed function).
+        Without it a stochastic sampler's inversion, noise-corrected, follows the photo so closely that a new
+        prompt hardly changes it. Not for heun and dpm_2.
     solver: ``solve(map_fn, z0, iterations) -> z`` for each step's fixed point (default :func:`fixed_point`).
     sweep_solver: the same for the trajectory ``[B, S, C, H, W]`` as the fixed point of one later sweep, with
         ``sweeps - 1`` evaluations (default :func:`fixed_point`: the sweeps one after the other).
@@ -526,12 +535,20 @@ def invert_multistep(
     if int(later_iterations) != later_iterations or later_iterations < 1:
         raise ValueError(f"sweep_iterations must be an integer >= 1, got {sweep_iterations}")
 
+    edit = edit_loss if edit_loss is not None and edit_loss.is_active else None
+    if edit is not None:
+        if isinstance(steps[0], TwoStageStep):
+            raise ValueError(f"edit losses are not supported with {sampler} (two model evaluations per step); "
+                             "inversions with it edit without them")
+        check_edit_loss_latent(x0)
+
     dtype = torch.promote_types(x0.dtype, torch.float32)
     device = x0.device
     batch = x0.shape[0]
     seeds = _seeds_for(seed, batch)
+    drawn, reference_noise = draw_noises(x0.shape, len(steps), seeds)
     if noises is None:
-        noises, _ = draw_noises(x0.shape, len(steps), seeds)
+        noises = drawn
     else:
         _check_noises(noises, len(steps), x0)
     noises = noises.to(device=device, dtype=dtype, copy=True)
@@ -542,7 +559,12 @@ def invert_multistep(
         calls[index] += 1
         if callback is not None:
             callback(sum(calls))
-        return denoiser(z, torch.full((batch,), sigma, device=device, dtype=dtype)).to(dtype)
+        return denoiser(z, torch.full((z.shape[0],), sigma, device=device, dtype=dtype)).to(dtype)
+
+    regularizers = [None] * len(steps)
+    if edit is not None:
+        regularizers = _edit_loss_regularizers(steps, edit, x0, reference_noise.to(device=device, dtype=dtype), seeds,
+                                               parameterization, denoise)
 
     trajectory: list[Tensor] = [x0] * (len(steps) + 1)
     if isinstance(steps[0], TwoStageStep):
@@ -580,7 +602,8 @@ def invert_multistep(
                 step = step.with_previous_predicted(weights[0])
                 previous = sum(denoised * weight for (_, denoised), weight in zip(below, weights[1:]))
             start = x_next if eps_below is None else step.inverse(x_next, eps_below, previous, noise)
-            map_fn = _MultistepMap(step, x_next, previous, noise, functools.partial(_denoise_at_step, denoise, i), start, None)
+            evaluate = regularizers[i].evaluate if regularizers[i] is not None else functools.partial(_denoise_at_step, denoise, i)
+            map_fn = _MultistepMap(step, x_next, previous, noise, evaluate, start, None, regularizers[i])
             trajectory[i] = solver(map_fn, start, iterations)
             eps_below = map_fn.last_eps
             below = [(step.sigma, map_fn.last_denoised)] + below[:1]
@@ -596,7 +619,7 @@ def invert_multistep(
                     step, previous = _coupled(steps, i, points, known, noises)
                     noise = noises[i] if step.is_stochastic else None
                     evaluate = functools.partial(_denoise_at_step, denoise, i)
-                    map_fn = _MultistepMap(step, points[i + 1], previous, noise, evaluate, points[i], known[i])
+                    map_fn = _MultistepMap(step, points[i + 1], previous, noise, evaluate, points[i], known[i], regularizers[i])
                     points[i] = solver(map_fn, points[i], later_iterations)
                 return torch.stack(points[:-1], 1)
 
@@ -664,12 +687,15 @@ def _denoise_at_step(denoise, index: int, z: Tensor, sigma: float) -> Tensor:
 
 
 class _MultistepMap:
-    """The fixed-point map of one multistep step, ``z -> inverse(x_next, d(z), D_prev, noise)`` (one model call;
-    none for ``start`` when its prediction is already known). Keeps the last eps it evaluated."""
+    """The fixed-point map of one multistep step, ``z -> inverse(x_next, R(d(z)), D_prev, noise)`` (one model call;
+    none for ``start`` when its prediction is already known; ``R`` the edit-loss regularisation, or none). Keeps the
+    last (regularised) eps it used and the model's own prediction ``D``."""
 
-    def __init__(self, step: MultistepStep, x_next: Tensor, previous, noise, evaluate, start: Tensor, start_denoised):
+    def __init__(self, step: MultistepStep, x_next: Tensor, previous, noise, evaluate, start: Tensor, start_denoised,
+                 regularizer: _EditLossRegularizer | None = None):
         self.step, self.x_next, self.previous, self.noise = step, x_next, previous, noise
         self.evaluate, self.start, self.start_denoised = evaluate, start, start_denoised
+        self.regularizer = regularizer
         self.last_eps: Tensor | None = None
         self.last_denoised: Tensor | None = None
 
@@ -678,7 +704,41 @@ class _MultistepMap:
         denoised = self.start_denoised if known else self.evaluate(z, self.step.sigma)
         self.last_denoised = denoised
         self.last_eps = (z - denoised) / self.step.sigma
+        if self.regularizer is not None:
+            self.last_eps = self.regularizer(self.last_eps)
         return self.step.inverse(self.x_next, self.last_eps, self.previous, self.noise)
+
+
+class _EditLossRegularizer:
+    """Step ``index``'s edit-loss regularisation ``R(eps)``. :meth:`evaluate` is the step's model call that also
+    makes the reference prediction (eps at ``x0`` noised with the reference noise to the step's sigma) while it is
+    still missing, as one doubled batch."""
+
+    def __init__(self, edit: EditLossConfig, x0: Tensor, reference_noise: Tensor, parameterization: str, rolls: Tensor | None,
+                 denoise, index: int):
+        self.edit, self.x0, self.reference_noise, self.parameterization = edit, x0, reference_noise, parameterization
+        self.rolls, self.denoise, self.index = rolls, denoise, index
+        self.reference_eps: Tensor | None = None
+
+    def evaluate(self, z: Tensor, sigma: float) -> Tensor:
+        if self.reference_eps is not None or not self.edit.uses_reference:
+            return self.denoise(z, sigma, self.index)
+        x_reference = noised(self.x0, self.reference_noise, sigma, self.parameterization)
+        both = self.denoise(torch.cat([z, x_reference]), sigma, self.index)
+        self.reference_eps = (x_reference - both[z.shape[0]:]) / sigma
+        return both[: z.shape[0]]
+
+    def __call__(self, eps: Tensor) -> Tensor:
+        return regularize_noise_prediction(eps, self.reference_eps, self.rolls, self.edit)
+
+
+def _edit_loss_regularizers(steps, edit: EditLossConfig, x0: Tensor, reference_noise: Tensor, seeds, parameterization: str,
+                            denoise) -> list[_EditLossRegularizer]:
+    """One :class:`_EditLossRegularizer` per step, with one set of pair-loss shifts each (drawn as
+    :func:`renoise_core.inversion.invert` draws them for anderson)."""
+    rolls = draw_step_rolls([1] * len(steps), edit, x0.shape, seeds, x0.device) if edit.lambda_ac > 0 else [None] * len(steps)
+    return [_EditLossRegularizer(edit, x0, reference_noise, parameterization, None if rolls[i] is None else rolls[i][0], denoise, i)
+            for i in range(len(steps))]
 
 
 def extrapolate_up(x_next: Tensor, sigma: float, below: Sequence[tuple[float, Tensor]]) -> Tensor:

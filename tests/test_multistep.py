@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from renoise_core.analytic import GaussianMixture, psnr
+from renoise_core.edit_losses import EditLossConfig
 from renoise_core.inversion import NoiseCorrectionConfig
 from renoise_core.multistep import (
     MULTISTEP_SAMPLERS,
@@ -211,6 +212,51 @@ def test_inputs_are_not_modified_and_seeded(model, photo):
     b = invert_multistep(denoiser, photo, karras_schedule(4), "dpmpp_2m_sde", seed=9, noise_correction=NoiseCorrectionConfig("optimize"))
     assert torch.equal(photo, before)
     assert torch.equal(a.latent, b.latent) and torch.equal(a.noises, b.noises)
+
+
+def test_edit_losses_make_a_noise_corrected_stochastic_inversion_editable():
+    """Invert class 3, sample back with class 9 (cfg 4): without edit losses the noise-corrected dpmpp_2m_sde
+    inversion stays class 3 (its latent lies far off the noise distribution, where the class evidence swamps the
+    prompt); with them the edit lands nearer class 9's mean than class 3's. Measured (20 karras steps): PSNR 86.3
+    -> 38.5 dB, the editability trade-off of ReNoise's edit losses."""
+    boxed = GaussianMixture.boxed()
+    photo = boxed.sample([3], seed=1)
+    sigmas = karras_schedule(20)
+    source, target = boxed.denoiser([3]), boxed.denoiser([9], cfg=4.0)
+    correction = NoiseCorrectionConfig("optimize")
+
+    def edit(edit_loss):
+        inversion = invert_multistep(source, photo, sigmas, "dpmpp_2m_sde", seed=5, noise_correction=correction, edit_loss=edit_loss)
+        assert inversion.denoiser_calls == planned_multistep_calls(sigmas, "dpmpp_2m_sde", noise_correction=correction)
+        edited = sample_multistep(target, inversion.latent, sigmas, "dpmpp_2m_sde", noises=inversion.noises)
+        return (edited - boxed.means[9]).norm().item(), (edited - boxed.means[3]).norm().item()
+
+    to_target, to_source = edit(None)
+    assert to_target > to_source
+    to_target, to_source = edit(EditLossConfig())
+    assert to_target < to_source
+
+
+def test_edit_losses_per_item_and_seeded(model, photo):
+    """A batch gets what each item gets alone (own reference noise and pair-loss shifts, from its seed); the inputs
+    are untouched."""
+    denoiser = model.denoiser(CLASSES)
+    sigmas, edit = karras_schedule(6), EditLossConfig()
+    before = photo.clone()
+    both = invert_multistep(denoiser, photo, sigmas, "res_multistep_ancestral", seed=[9, 10], edit_loss=edit)
+    assert torch.equal(photo, before)
+    for b, seed in enumerate((9, 10)):
+        alone = invert_multistep(model.denoiser(CLASSES[b:b + 1]), photo[b:b + 1], sigmas, "res_multistep_ancestral", seed=seed,
+                                 edit_loss=edit)
+        torch.testing.assert_close(both.latent[b:b + 1], alone.latent, rtol=1e-5, atol=1e-5)
+    plain = invert_multistep(denoiser, photo, sigmas, "res_multistep_ancestral", seed=[9, 10])
+    assert not torch.allclose(plain.latent, both.latent, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
+def test_two_stage_samplers_refuse_edit_losses(model, photo, sampler):
+    with pytest.raises(ValueError, match=f"not supported with {sampler}.*edit without them"):
+        invert_multistep(model.denoiser(CLASSES), photo, karras_schedule(4), sampler, edit_loss=EditLossConfig())
 
 
 def test_solver_is_pluggable(model, photo):

@@ -7,6 +7,8 @@ import torch
 from support import EARLY_BELOW_SIGMA, schedule
 
 from renoise_core import EditLossConfig, NoiseCorrectionConfig, ReNoiseConfig, invert
+from renoise_core.multistep import anderson_solver, invert_multistep
+from renoise_core.schedules import karras_schedule
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -54,3 +56,31 @@ def test_adaptive_stopping_is_the_one_documented_read_per_evaluation(count_reads
     without = reads_during_inversion(count_reads, mixture, 4, 9, solver=solver)
     with_tol = reads_during_inversion(count_reads, mixture, 4, 9, convergence_tol=1e-12, solver=solver)  # never stops early
     assert with_tol - without == 3 * 9 + 4  # one check per evaluation after the first (9, 9, 9 and the early step's 4)
+
+
+@pytest.mark.parametrize("sampler, settings", [
+    ("heun", dict(iterations=4)),
+    ("dpmpp_2m", dict(sweeps=4, sweep_iterations=2)),
+    ("dpmpp_2m_sde", dict(sweeps=2, noise_correction=NoiseCorrectionConfig(), edit_loss=EditLossConfig())),
+])
+def test_multistep_reads_do_not_grow_with_steps(count_reads, mixture, sampler, settings):
+    """The second-order and multistep inversions (anderson on each step or over the sweeps): only the final
+    finiteness check and the diagnostics read values, whatever the number of steps and evaluations."""
+    x0 = mixture.sample([1, 2], seed=0)
+    denoiser = mixture.denoiser([1, 2])
+
+    def reads(steps, **changes):
+        solver = anderson_solver()
+        merged = dict(settings, **changes)
+        count_reads["reads"], count_reads["active"] = 0, True
+        try:
+            invert_multistep(denoiser, x0, karras_schedule(steps), sampler, seed=1, solver=solver, sweep_solver=solver,
+                             **merged)
+        finally:
+            count_reads["active"] = False
+        return count_reads["reads"]
+
+    base = reads(4)
+    assert reads(12) == base and base < 20, base
+    more = dict(iterations=6) if sampler == "heun" else dict(sweeps=settings["sweeps"] + 2)
+    assert reads(4, **more) == base

@@ -356,7 +356,21 @@ def test_second_order_and_multistep_samplers_reconstruct_through_the_nodes(graph
     assert psnr(out["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).min() > 35  # euler here: 39 dB
 
 
-def test_multistep_samplers_refuse_edit_losses(graph):
+@pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
+def test_two_stage_samplers_refuse_edit_losses(graph, sampler):
     (edit,) = NODES["EditLossConfig"]().build(20.0, 20.0, 4, 5, 4)
-    with pytest.raises(ValueError, match="not supported with dpmpp_2m"):
-        invert(graph, sampler_name="dpmpp_2m", edit_loss=edit)
+    with pytest.raises(ValueError, match=f"not supported with {sampler}.*disconnect edit_loss"):
+        invert(graph, sampler_name=sampler, edit_loss=edit)
+
+
+def test_stochastic_multistep_inversion_takes_edit_losses(graph):
+    """The reference prediction rides along in each step's first call: the calls are those planned without edit
+    losses; the inversion is a different one."""
+    (edit,) = NODES["EditLossConfig"]().build(20.0, 0.065, 4, 5, 4)
+    (nc,) = NODES["NoiseCorrection"]().build("optimize", 10, 1.8)
+    settings = dict(sampler_name="dpmpp_2m_sde", scheduler="karras", steps=10, renoise_steps=1, noise_correction=nc)
+    latent, inversion, _ = invert(graph, edit_loss=edit, **settings)
+    plain_latent, plain, _ = invert(graph, **settings)
+    assert inversion.denoiser_calls == plain.denoiser_calls and fake_comfy.Progress.log[-1] == (plain.denoiser_calls,) * 2
+    assert inversion.settings["edit_loss"]["lambda_ac"] == 20.0
+    assert not torch.allclose(latent["samples"], plain_latent["samples"], atol=1e-3)

@@ -314,9 +314,10 @@ def run_prompt(prompt: dict) -> dict:
 def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class: int | None = None, cfg=1.0,
                    noise_correction: str | None = None, continue_with="samplercustom", prediction="eps", patch=None,
                    sampling_sigmas_steps: int | None = None, steps=4, edit_loss=False, skip: int | None = None,
-                   mixture: str = "isotropic", solver: str | None = None, scheduler="simple") -> dict:
+                   mixture: str = "isotropic", solver: str | None = None, scheduler="simple", sample_cfg: float | None = None) -> dict:
     """The standard graphs: ReNoiseInvert, then either ReNoiseSampler + SamplerCustom or KSamplerAdvanced.
-    ``solver``: None leaves ReNoiseInvert's solver input unconnected; a method name connects a ReNoiseSolver."""
+    ``solver``: None leaves ReNoiseInvert's solver input unconnected; a method name connects a ReNoiseSolver.
+    ``sample_cfg``: the sampling node's cfg (default: ``cfg``, the inversion's)."""
     context_dim = 768
     if prediction == "v":
         patch = "v_prediction"
@@ -357,7 +358,7 @@ def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class:
         target = ["13", 0]
     if continue_with == "ksampleradvanced":
         prompt["8"] = {"class_type": "KSamplerAdvanced", "inputs": {
-            "model": model_ref, "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+            "model": model_ref, "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": sample_cfg or cfg, "sampler_name": sampler,
             "scheduler": scheduler, "positive": target, "negative": ["3", 0], "latent_image": ["6", 0],
             "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
     else:
@@ -368,7 +369,7 @@ def analytic_graph(sampler: str, renoise_steps: int, *, classes="3", edit_class:
             sigmas = ["14", 0]
         prompt["7"] = {"class_type": "ReNoiseSampler", "inputs": {"inversion": ["6", 1]}}
         prompt["8"] = {"class_type": "SamplerCustom", "inputs": {
-            "model": model_ref, "add_noise": False, "noise_seed": 0, "cfg": cfg, "positive": target, "negative": ["3", 0],
+            "model": model_ref, "add_noise": False, "noise_seed": 0, "cfg": sample_cfg or cfg, "positive": target, "negative": ["3", 0],
             "sampler": ["7", 0], "sigmas": sigmas, "latent_image": ["6", 0]}}
     return prompt
 
@@ -412,18 +413,26 @@ def scenario_analytic(workdir: Path) -> dict:
         result = run_prompt(analytic_graph(**kwargs))
         result["psnr"] = reconstruction_db(result)
         results[name] = result
-    # editing: invert with class 3, sample with class 9: the result moves to class 9's component
+    results["edit_3_to_9"] = edit_3_to_9(dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True))
+    return results
+
+
+def edit_3_to_9(graph: dict, edit_cfg: float | None = None) -> dict:
+    """Editing: invert class 3 with ``graph`` (analytic_graph's settings), sample it back with class 3 and with
+    class 9 (at ``edit_cfg``, default the graph's cfg). The result carries the distances of both to class 9's mean
+    (an edit moves toward it)."""
     CAPTURED.clear()
-    graph = dict(sampler="euler_ancestral", renoise_steps=9, noise_correction="optimize", edit_loss=True)
     result = run_prompt(analytic_graph(**graph))
     reconstruction = CAPTURED.get("reconstruction")
-    result.update(run_prompt(analytic_graph(**graph, edit_class=9)))
+    result.update(run_prompt(analytic_graph(**graph, edit_class=9, sample_cfg=edit_cfg)))
     if result.get("success") and reconstruction is not None:
         edited = CAPTURED["reconstruction"].double()
-        result["reconstruction_to_target"] = (reconstruction.double() - MIXTURE.means[9]).norm().item()
-        result["edit_to_target"] = (edited - MIXTURE.means[9]).norm().item()
-    results["edit_3_to_9"] = result
-    return results
+        means = MIXTURES[graph.get("mixture", "isotropic")].means
+        result["reconstruction_to_target"] = (reconstruction.double() - means[9]).norm().item()
+        result["edit_to_target"] = (edited - means[9]).norm().item()
+        result["reconstruction_to_source"] = (reconstruction.double() - means[3]).norm().item()
+        result["edit_to_source"] = (edited - means[3]).norm().item()
+    return result
 
 
 # --- tiny checkpoints -----------------------------------------------------------------------------------------
@@ -1141,6 +1150,22 @@ def forward_mismatches() -> dict:
     return mismatches
 
 
+#: the samplers scenario's edits, on the boxed model (classes 3 and 9 differ inside a box only, close enough for a prompt
+#: to move between them): the sampler people use, inverted at cfg 1, then sampled with a new prompt at cfg 4 (the
+#: README's 2 to 5 for editing). The stochastic samplers need the edit losses: noise-corrected without them, their
+#: inversion stays class 3 whatever the prompt.
+MULTISTEP_EDITS = {
+    "heun_k0": dict(sampler="heun", renoise_steps=0),
+    "dpm_2_k0": dict(sampler="dpm_2", renoise_steps=0),
+    "dpmpp_2m_k0": dict(sampler="dpmpp_2m", renoise_steps=0),
+    "dpmpp_2m_k0_ksampleradvanced": dict(sampler="dpmpp_2m", renoise_steps=0, continue_with="ksampleradvanced"),
+    "res_multistep_k0": dict(sampler="res_multistep", renoise_steps=0),
+    "dpmpp_2m_sde_optimize_edit_loss": dict(sampler="dpmpp_2m_sde", renoise_steps=1, noise_correction="optimize", edit_loss=True),
+    "res_multistep_ancestral_optimize_edit_loss": dict(sampler="res_multistep_ancestral", renoise_steps=1, noise_correction="optimize",
+                                                       edit_loss=True),
+}
+
+
 def scenario_samplers(workdir: Path) -> dict:
     """The second-order and multistep samplers: forward arithmetic against ComfyUI's functions, and end to end
     (ReNoiseInvert on a karras schedule, then the stock sampler through ReNoiseSampler + SamplerCustom, and
@@ -1177,6 +1202,8 @@ def scenario_samplers(workdir: Path) -> dict:
         result = run_prompt(analytic_graph(**kwargs, steps=20, scheduler="karras"))
         result["psnr"] = reconstruction_db(result)
         results[name] = result
+    for name, graph in MULTISTEP_EDITS.items():
+        results[f"{name}_edit"] = edit_3_to_9(dict(graph, steps=20, scheduler="karras", mixture="boxed"), edit_cfg=4.0)
     return results
 
 
