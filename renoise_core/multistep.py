@@ -384,10 +384,12 @@ _OPTIONS = {"dpmpp_2m_sde": frozenset({"eta", "s_noise"}), "dpmpp_2m_sde_heun": 
 
 #: ComfyUI samplers this package does not invert, and why (shown in errors and the README).
 NOT_INVERTIBLE: dict[str, str] = {
-    "dpmpp_sde": "its noise enters between its two model evaluations (at the midpoint), so the step is not affine in "
-    "one stored noise per step; not implemented yet",
-    "dpm_2_ancestral": "an ancestral two-stage step (noise after a midpoint evaluation); not implemented yet",
-    "dpmpp_2s_ancestral": "an ancestral two-stage step (noise after a midpoint evaluation); not implemented yet",
+    "dpmpp_sde": "its noise enters twice per step, between its two model evaluations (at the midpoint) and at the end, "
+    "so the step is not affine in one stored noise per step; not implemented yet",
+    "dpm_2_ancestral": "an ancestral two-stage step: its noise enters linearly after both model evaluations, so it could "
+    "be inverted like dpm_2 with one stored noise per step, but that is not implemented yet",
+    "dpmpp_2s_ancestral": "an ancestral two-stage step: its noise enters linearly after both model evaluations, so it "
+    "could be inverted like dpm_2 with one stored noise per step, but that is not implemented yet",
     "uni_pc": "its corrector re-evaluates the model at the already-stepped point and the predictor-corrector pair "
     "spans three steps; not implemented yet",
     "lms": "a 4th-order linear multistep method (four previous predictions per step); not implemented yet",
