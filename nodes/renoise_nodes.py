@@ -53,8 +53,10 @@ CATEGORY = "sampling/renoise"
 #: samplers with an exact affine inverse (ComfyUI names)
 INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
                        "res_multistep", "res_multistep_ancestral"]
-#: samplers that add noise (the ones edit-friendly inversion can use)
+#: samplers that add noise
 STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep_ancestral"]
+#: the stochastic samplers edit-friendly inversion implements (renoise_core.edit_friendly: one affine step each)
+EDIT_FRIENDLY_SAMPLERS = ["ddpm", "euler_ancestral", "lcm"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 1000
 #: ReNoiseSolver's defaults, and what ReNoiseInvert uses with its `solver` input unconnected for deterministic samplers
@@ -208,7 +210,7 @@ class EditFriendlyInvert:
     def INPUT_TYPES(cls):
         invert_inputs = ReNoiseInvert.INPUT_TYPES()
         required = {name: invert_inputs["required"][name] for name in ("model", "positive", "negative", "latent_image")}
-        required["sampler_name"] = (STOCHASTIC_SAMPLERS, {"default": "ddpm", "tooltip": "A stochastic sampler to invert and sample with."})
+        required["sampler_name"] = (EDIT_FRIENDLY_SAMPLERS, {"default": "ddpm", "tooltip": "A stochastic sampler to invert and sample with."})
         for name in ("scheduler", "steps", "denoise"):
             required[name] = invert_inputs["required"][name]
         required["cfg"] = ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
@@ -223,7 +225,7 @@ class EditFriendlyInvert:
     def invert(self, model, positive, negative, latent_image, sampler_name, scheduler, steps, denoise, cfg, skip, seed,
                sigmas=None, eta=1.0, s_noise=1.0):
         bridge, schedule, model_sampling = _prepare("EditFriendlyInvert", model, positive, negative, latent_image, sampler_name,
-                                                    STOCHASTIC_SAMPLERS, scheduler, steps, denoise, sigmas)
+                                                    EDIT_FRIENDLY_SAMPLERS, scheduler, steps, denoise, sigmas)
         parameterization = parameterization_of(model_sampling)
         schedule = with_final_sigma(schedule, bridge.sigma_min(model))  # keep the last step's noise: exact reconstruction
         if not 0 <= skip < len(schedule) - 1:

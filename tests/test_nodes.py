@@ -335,6 +335,15 @@ def test_edit_friendly_node_reconstructs_through_renoise_sampler(graph, sampler)
     assert torch.allclose(out["samples"] * fake_comfy.LATENT_SCALE, graph["x0"], atol=1e-4)
 
 
+def test_edit_friendly_node_offers_only_what_it_inverts(graph):
+    """Every sampler in its list runs (the multistep stochastic samplers are ReNoiseInvert's only)."""
+    for sampler in NODES["EditFriendlyInvert"].INPUT_TYPES()["required"]["sampler_name"][0]:
+        latent, inversion, _ = invert_edit_friendly(graph, sampler_name=sampler, skip=0)
+        assert inversion.sampler_name == sampler
+    with pytest.raises(ValueError, match="sampler_name must be one of"):
+        invert_edit_friendly(graph, sampler_name="dpmpp_2m_sde")
+
+
 def test_edit_friendly_node_refusals(graph):
     with pytest.raises(ValueError, match="sampler_name must be one of"):
         invert_edit_friendly(graph, sampler_name="euler")
