@@ -26,6 +26,7 @@ from ..renoise_core.inversion import NOISE_CORRECTION_MODES
 from ..renoise_core.local_edit import keep_outside_mask, latent_mask
 from ..renoise_core.multistep import (
     NOT_INVERTIBLE,
+    TWO_STAGE_SAMPLERS,
     anderson_solver,
     invert_multistep,
     is_multistep_sampler,
@@ -51,10 +52,10 @@ from .inversion_data import (
 
 CATEGORY = "sampling/renoise"
 #: samplers with an exact affine inverse (ComfyUI names)
-INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-                       "res_multistep", "res_multistep_ancestral"]
+INVERTIBLE_SAMPLERS = ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde",
+                       "dpmpp_2m_sde_heun", "res_multistep", "res_multistep_ancestral"]
 #: samplers that add noise
-STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep_ancestral"]
+STOCHASTIC_SAMPLERS = ["ddpm", "euler_ancestral", "lcm", "dpm_2_ancestral", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep_ancestral"]
 #: the stochastic samplers edit-friendly inversion implements (renoise_core.edit_friendly: one affine step each)
 EDIT_FRIENDLY_SAMPLERS = ["ddpm", "euler_ancestral", "lcm"]
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -114,7 +115,7 @@ class ReNoiseInvert:
                          "tooltip": "Seed of the per-step noises (stochastic samplers) and the edit-loss reference noise."}),
             },
             "optional": {
-                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson (accelerated) for euler, ddim, heun, dpm_2, dpmpp_2m and res_multistep; the paper's loop for euler_ancestral, lcm, ddpm, dpmpp_2m_sde* and res_multistep_ancestral, where anderson was measured to lose on some images. heun and dpm_2 use its method and history on each step; dpmpp_2m* and res_multistep* on the whole trajectory over the sweeps (renoise_steps >= 3); they ignore its other settings."}),
+                "solver": (SOLVER_TYPE, {"tooltip": "How each step's fixed point is solved (ReNoiseSolver node). Unconnected: anderson (accelerated) for euler, ddim, heun, dpm_2, dpmpp_2m and res_multistep; the paper's loop for euler_ancestral, lcm, ddpm, dpm_2_ancestral, dpmpp_2m_sde* and res_multistep_ancestral, where anderson was measured to lose on some images. heun and dpm_2* use its method and history on each step; dpmpp_2m* and res_multistep* on the whole trajectory over the sweeps (renoise_steps >= 3); they ignore its other settings."}),
                 "edit_loss": (EDIT_LOSS_TYPE, {"tooltip": "Editability losses (EditLossConfig node). Unconnected: none."}),
                 "noise_correction": (NOISE_CORRECTION_TYPE, {"tooltip": "Noise correction for stochastic samplers (NoiseCorrection node)."}),
                 "sigmas": ("SIGMAS", {"tooltip": "A custom schedule; overrides scheduler, steps and denoise."}),
@@ -156,14 +157,10 @@ class ReNoiseInvert:
         options = _sampler_options(sampler_name, eta, s_noise)
 
         multistep = is_multistep_sampler(sampler_name)  # heun, dpm_2, dpmpp_2m*, res_multistep*: renoise_core.multistep
-        if sampler_name in ("heun", "dpm_2") and config.edits():
-            raise ValueError(f"ReNoiseInvert: edit losses are not supported with {sampler_name} (two model evaluations per "
-                             "step); disconnect edit_loss (its inversions edit without them), or use dpmpp_2m or euler.")
-
-        # heun, dpm_2: renoise_steps + 1 evaluations of each step's fixed point, solved by the chosen method;
+        # heun, dpm_2*: renoise_steps + 1 evaluations of each step's fixed point, solved by the chosen method;
         # dpmpp_2m*, res_multistep*: one first sweep, then renoise_steps sweeps of 2, the sweeps solved by it
         multistep_solver = anderson_solver(solver.history) if solver.method == "anderson" else multistep_fixed_point
-        if sampler_name in ("heun", "dpm_2"):
+        if sampler_name in TWO_STAGE_SAMPLERS:
             multistep_settings, multistep_solvers = {"iterations": renoise_steps + 1}, {"solver": multistep_solver}
         else:
             multistep_settings = {"iterations": 1, "sweeps": renoise_steps + 1, "sweep_iterations": 2}
@@ -433,7 +430,7 @@ class ReNoiseSolver:
         "of the model calls, or far better at the same calls) or fixed_point (the paper's renoising loop, exactly as "
         "the reference release runs it). Connect to ReNoiseInvert's `solver` input. Unconnected, ReNoiseInvert uses "
         "anderson with these defaults for euler, ddim, heun, dpm_2, dpmpp_2m and res_multistep, and fixed_point for "
-        "euler_ancestral, lcm, ddpm, dpmpp_2m_sde and res_multistep_ancestral (measured: with noise correction anderson "
+        "euler_ancestral, lcm, ddpm, dpm_2_ancestral, dpmpp_2m_sde and res_multistep_ancestral (measured: with noise correction anderson "
         "wins on average there but loses on some images)."
     )
     CATEGORY = CATEGORY

@@ -1,17 +1,18 @@
-"""Second-order samplers (heun, dpm_2) and multistep samplers (dpmpp_2m, dpmpp_2m_sde, res_multistep): steps and
-their inversion.
+"""Second-order samplers (heun, dpm_2, dpm_2_ancestral) and multistep samplers (dpmpp_2m, dpmpp_2m_sde,
+res_multistep): steps and their inversion.
 
 Units: k-diffusion, as in ``samplers.py``. ``D(x, sigma)`` is the denoiser (predicted x0),
 ``d(x, sigma) = (x - D(x, sigma)) / sigma`` ComfyUI's ``to_d`` (the eps prediction ``eps_hat``).
 
 Two step shapes, each written to mirror ComfyUI 0.3.64's ``comfy/k_diffusion/sampling.py`` term by term:
 
-- :class:`TwoStageStep` (heun, dpm_2; ``s_churn = 0``): two model evaluations per step::
+- :class:`TwoStageStep` (heun, dpm_2, dpm_2_ancestral; ``s_churn = 0``): two model evaluations per step::
 
       x_mid  = x + stage_dt * d(x, sigma)
-      x_next = x + dt * (w_first * d(x, sigma) + w_second * d(x_mid, sigma_mid))      dt = sigma_next - sigma
+      x_next = scale * (x + dt * (w_first * d(x, sigma) + w_second * d(x_mid, sigma_mid))) + noise_coeff * noise
 
-  (one evaluation, Euler, where ``sigma_next == 0``, as ComfyUI does).
+  with ``dt = sigma_down - sigma`` (``sigma_down = sigma_next``, ``scale = 1`` and no noise but for
+  dpm_2_ancestral); one evaluation, Euler, where ``sigma_down == 0``, as ComfyUI does.
 - :class:`MultistepStep` (dpmpp_2m, dpmpp_2m_sde, res_multistep): affine in the current prediction AND the previous one::
 
       x_next = x_coeff * x + denoised_coeff * D(x, sigma) + previous_coeff * D_prev + noise_coeff * noise
@@ -37,7 +38,7 @@ Inversion (:func:`invert_multistep`):
   retraces the trajectory.
   Each step's fixed point is solved in eps form, ``x = (x_next + b sigma d(x) - c D_prev - r noise) / (a + b)``
   (``a, b, c, r`` the coefficients above), the ReNoise map, whose contraction is that of the eps prediction;
-- stochastic steps (dpmpp_2m_sde, res_multistep_ancestral) replay the stored noises (ComfyUI calls
+- stochastic steps (dpmpp_2m_sde, res_multistep_ancestral, dpm_2_ancestral) replay the stored noises (ComfyUI calls
   ``noise_sampler(sigma, sigma_next)`` once per step and scales it, e.g. by ``sigma_next * sqrt(-expm1(-2 h eta))
   * s_noise``; the stored noise is what ``noise_sampler`` returns). Noise enters each step linearly, so noise
   correction is a forward pass along the inverted trajectory: at each step the noise is moved toward the one that
@@ -106,26 +107,29 @@ def anderson_solver(history: int = 3) -> Solver:
 
 @dataclass(frozen=True)
 class TwoStageStep:
-    """One heun / dpm_2 step (see the module docstring). Coefficients are Python floats.
+    """One heun / dpm_2 / dpm_2_ancestral step (see the module docstring). Coefficients are Python floats.
 
-    ``w_second == 0`` means a single-evaluation (Euler) step, ComfyUI's rule where ``sigma_next == 0``.
+    ``w_second == 0`` means a single-evaluation (Euler) step, ComfyUI's rule where ``sigma_down == 0``.
     """
 
     sigma: float
     sigma_mid: float
+    sigma_down: float
     sigma_next: float
     stage_dt: float
     w_first: float
     w_second: float
+    scale: float = 1.0
+    noise_coeff: float = 0.0
 
     @property
     def dt(self) -> float:
-        return self.sigma_next - self.sigma
+        return self.sigma_down - self.sigma
 
     @property
     def is_stochastic(self) -> bool:
-        """heun and dpm_2 (s_churn = 0) add no noise."""
-        return False
+        """Only dpm_2_ancestral adds noise (heun and dpm_2 with s_churn = 0 do not)."""
+        return self.noise_coeff != 0.0
 
     @property
     def evaluations(self) -> int:
@@ -141,23 +145,71 @@ class TwoStageStep:
             return d_second * self.dt
         return (d_first * self.w_first + d_second * self.w_second) * self.dt
 
+    def forward(self, x: Tensor, d_first: Tensor, derivative: Callable[[Tensor, float], Tensor], noise: Tensor | None) -> Tensor:
+        """The sampler's own step from ``x`` (``d_first = d(x, sigma)``), adding ``noise`` where it is stochastic."""
+        x_next = x + self.increment(x, d_first, derivative)
+        if self.scale != 1.0:
+            x_next = x_next * self.scale
+        if self.is_stochastic:
+            if noise is None:
+                raise ValueError(f"step {self.sigma:g} -> {self.sigma_next:g} is stochastic and needs a noise")
+            x_next = x_next + noise * self.noise_coeff
+        return x_next
+
+    def target(self, x_next: Tensor, noise: Tensor | None) -> Tensor:
+        """``x + increment(x)`` for the ``x`` whose step lands on ``x_next`` with ``noise``: the inversion's fixed
+        point is ``x = target - increment(x)``."""
+        if self.is_stochastic:
+            x_next = x_next - noise * self.noise_coeff
+        return x_next / self.scale if self.scale != 1.0 else x_next
+
 
 def heun_step(sigma: float, sigma_next: float) -> TwoStageStep:
     """ComfyUI ``sample_heun`` (s_churn = 0): ``x_2 = x + d dt``, ``x + (d + d_2) / 2 * dt``; Euler to sigma 0."""
     dt = sigma_next - sigma
     if sigma_next == 0:
-        return TwoStageStep(sigma, sigma_next, sigma_next, dt, 1.0, 0.0)
-    return TwoStageStep(sigma, sigma_next, sigma_next, dt, 0.5, 0.5)
+        return TwoStageStep(sigma, sigma_next, sigma_next, sigma_next, dt, 1.0, 0.0)
+    return TwoStageStep(sigma, sigma_next, sigma_next, sigma_next, dt, 0.5, 0.5)
 
 
 def dpm_2_step(sigma: float, sigma_next: float) -> TwoStageStep:
     """ComfyUI ``sample_dpm_2`` (s_churn = 0): ``sigma_mid = exp(lerp(log sigma, log sigma_next, 0.5))``,
     ``x_2 = x + d (sigma_mid - sigma)``, ``x + d_2 (sigma_next - sigma)``; Euler to sigma 0."""
-    dt = sigma_next - sigma
-    if sigma_next == 0:
-        return TwoStageStep(sigma, sigma_next, sigma_next, dt, 1.0, 0.0)
-    sigma_mid = math.exp(math.log(sigma) + 0.5 * (math.log(sigma_next) - math.log(sigma)))
-    return TwoStageStep(sigma, sigma_mid, sigma_next, sigma_mid - sigma, 0.0, 1.0)
+    return _dpm_2_stages(sigma, sigma_next, sigma_next)
+
+
+def _dpm_2_stages(sigma: float, sigma_down: float, sigma_next: float, scale: float = 1.0, noise_coeff: float = 0.0) -> TwoStageStep:
+    """DPM-Solver-2 from ``sigma`` to ``sigma_down`` (midpoint in log sigma), then ``scale`` and ``noise_coeff``."""
+    if sigma_down == 0:
+        return TwoStageStep(sigma, sigma_down, sigma_down, sigma_next, sigma_down - sigma, 1.0, 0.0)
+    sigma_mid = math.exp(math.log(sigma) + 0.5 * (math.log(sigma_down) - math.log(sigma)))
+    return TwoStageStep(sigma, sigma_mid, sigma_down, sigma_next, sigma_mid - sigma, 0.0, 1.0, scale, noise_coeff)
+
+
+def dpm_2_ancestral_steps(
+    sigmas: Sequence[float], parameterization: str = "eps", eta: float = 1.0, s_noise: float = 1.0
+) -> list[TwoStageStep]:
+    """ComfyUI ``sample_dpm_2_ancestral`` (eps) and ``sample_dpm_2_ancestral_RF`` (flow), with a given
+    ``noise_sampler``: dpm_2 to ``sigma_down``, then (both evaluations made) the step's noise::
+
+        eps:  (sigma_down, sigma_up) = get_ancestral_step(sigma, sigma_next, eta)
+              x_next = x_down + noise_sampler(sigma, sigma_next) s_noise sigma_up
+        flow: sigma_down = sigma_next (1 + (sigma_next / sigma - 1) eta)
+              x_next = (1 - sigma_next) / (1 - sigma_down) x_down + noise_sampler(sigma, sigma_next) s_noise
+                       sqrt(sigma_next^2 - sigma_down^2 (1 - sigma_next)^2 / (1 - sigma_down)^2)
+
+    Where ``sigma_down == 0`` one Euler evaluation and no noise."""
+    steps = []
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        if parameterization == "flow":
+            sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+            keep = (1 - sigma_next) / (1 - sigma_down)
+            renoise = math.sqrt(max(sigma_next**2 - sigma_down**2 * keep**2, 0.0))
+            steps.append(_dpm_2_stages(sigma, sigma_down, sigma_next, keep, s_noise * renoise))
+        else:
+            sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, eta)
+            steps.append(_dpm_2_stages(sigma, sigma_down, sigma_next, 1.0, s_noise * sigma_up))
+    return steps
 
 
 @dataclass(frozen=True)
@@ -178,6 +230,11 @@ class MultistepStep:
     @property
     def uses_previous(self) -> bool:
         return self.previous_coeff != 0.0
+
+    @property
+    def evaluations(self) -> int:
+        """Model calls per step."""
+        return 1
 
     def forward(self, x: Tensor, denoised: Tensor, previous: Tensor | None, noise: Tensor | None) -> Tensor:
         """The sampler's own step from ``x`` at ``sigma`` to ``sigma_next``."""
@@ -373,21 +430,23 @@ def _sde_heun(sigmas, parameterization="eps", eta=1.0, s_noise=1.0):
 MULTISTEP_SAMPLERS: dict[str, Callable[..., list]] = {
     "heun": _two_stage(heun_step),
     "dpm_2": _two_stage(dpm_2_step),
+    "dpm_2_ancestral": dpm_2_ancestral_steps,
     "dpmpp_2m": dpmpp_2m_steps,
     "dpmpp_2m_sde": dpmpp_2m_sde_steps,
     "dpmpp_2m_sde_heun": _sde_heun,
     "res_multistep": res_multistep_steps,
     "res_multistep_ancestral": _res_multistep_ancestral,
 }
-_OPTIONS = {"dpmpp_2m_sde": frozenset({"eta", "s_noise"}), "dpmpp_2m_sde_heun": frozenset({"eta", "s_noise"}),
+#: the samplers whose steps are :class:`TwoStageStep` (two model evaluations per step)
+TWO_STAGE_SAMPLERS = ("heun", "dpm_2", "dpm_2_ancestral")
+_OPTIONS = {"dpm_2_ancestral": frozenset({"eta", "s_noise"}), "dpmpp_2m_sde": frozenset({"eta", "s_noise"}),
+            "dpmpp_2m_sde_heun": frozenset({"eta", "s_noise"}),
             "res_multistep_ancestral": frozenset({"eta", "s_noise"})}
 
 #: ComfyUI samplers this package does not invert, and why (shown in errors and the README).
 NOT_INVERTIBLE: dict[str, str] = {
     "dpmpp_sde": "its noise enters twice per step, between its two model evaluations (at the midpoint) and at the end, "
     "so the step is not affine in one stored noise per step; not implemented yet",
-    "dpm_2_ancestral": "an ancestral two-stage step: its noise enters linearly after both model evaluations, so it could "
-    "be inverted like dpm_2 with one stored noise per step, but that is not implemented yet",
     "dpmpp_2s_ancestral": "an ancestral two-stage step: its noise enters linearly after both model evaluations, so it "
     "could be inverted like dpm_2 with one stored noise per step, but that is not implemented yet",
     "uni_pc": "its corrector re-evaluates the model at the already-stepped point and the predictor-corrector pair "
@@ -436,7 +495,7 @@ def sample_multistep(
     """Run ``sampler`` from ``x`` at ``sigmas[0]`` down the schedule (ComfyUI's arithmetic), replaying ``noises``
     ``[S, B, C, H, W]`` for stochastic steps. Returns a new tensor."""
     steps = make_multistep_steps(sampler, sigmas, parameterization, **(sampler_options or {}))
-    stochastic = any(isinstance(s, MultistepStep) and s.is_stochastic for s in steps)
+    stochastic = any(s.is_stochastic for s in steps)
     if stochastic:
         if noises is None:
             raise ValueError(f"sampler {sampler!r} is stochastic: pass the inversion's noises to replay")
@@ -454,7 +513,7 @@ def sample_multistep(
     previous = None
     for i, step in enumerate(steps):
         if isinstance(step, TwoStageStep):
-            x = x + step.increment(x, derivative(x, step.sigma), derivative)
+            x = step.forward(x, derivative(x, step.sigma), derivative, noises[i].to(x) if step.is_stochastic else None)
         else:
             denoised = denoise(x, step.sigma)
             x = step.forward(x, denoised, previous, noises[i].to(x) if step.is_stochastic else None)
@@ -473,16 +532,17 @@ def planned_multistep_calls(
     """Denoiser calls :func:`invert_multistep` makes with these settings."""
     steps = make_multistep_steps(sampler, sigmas, parameterization, **(sampler_options or {}))
     if isinstance(steps[0], TwoStageStep):
-        return iterations * sum(s.evaluations for s in steps)
-    later = iterations if sweep_iterations is None else sweep_iterations
-    calls = len(steps) * (iterations + (sweeps - 1) * later) if any(s.uses_previous for s in steps) else len(steps) * iterations
-    if noise_correction is not None:
-        calls += _last_stochastic(steps) + 1 if _last_stochastic(steps) >= 0 else 0
+        calls = iterations * sum(s.evaluations for s in steps)
+    else:
+        later = iterations if sweep_iterations is None else sweep_iterations
+        calls = len(steps) * (iterations + (sweeps - 1) * later) if any(s.uses_previous for s in steps) else len(steps) * iterations
+    if noise_correction is not None:  # one forward pass up to the last stochastic step
+        calls += sum(s.evaluations for s in steps[: _last_stochastic(steps) + 1])
     return calls
 
 
 def _last_stochastic(steps: list) -> int:
-    indices = [i for i, s in enumerate(steps) if isinstance(s, MultistepStep) and s.is_stochastic]
+    indices = [i for i, s in enumerate(steps) if s.is_stochastic]
     return indices[-1] if indices else -1
 
 
@@ -519,7 +579,8 @@ def invert_multistep(
         :func:`renoise_core.inversion.invert` makes it (the reference prediction rides along in the step's first
         model call as a doubled batch; one set of pair-loss shifts per step, so each map is a fixed function).
         Without it a stochastic sampler's inversion, noise-corrected, follows the photo so closely that a new
-        prompt hardly changes it. Not for heun and dpm_2.
+        prompt hardly changes it. Two-stage steps regularise their effective prediction (see
+        :func:`_invert_two_stage`).
     solver: ``solve(map_fn, z0, iterations) -> z`` for each step's fixed point (default :func:`fixed_point`).
     sweep_solver: the same for the trajectory ``[B, S, C, H, W]`` as the fixed point of one later sweep, with
         ``sweeps - 1`` evaluations (default :func:`fixed_point`: the sweeps one after the other).
@@ -539,9 +600,6 @@ def invert_multistep(
 
     edit = edit_loss if edit_loss is not None and edit_loss.is_active else None
     if edit is not None:
-        if isinstance(steps[0], TwoStageStep):
-            raise ValueError(f"edit losses are not supported with {sampler} (two model evaluations per step); "
-                             "inversions with it edit without them")
         check_edit_loss_latent(x0)
 
     dtype = torch.promote_types(x0.dtype, torch.float32)
@@ -579,14 +637,23 @@ def invert_multistep(
         below: list[tuple[float, Tensor]] = []  # (sigma, D) at the last two points inverted (their last evaluation), nearest first
         second_order = torch.zeros((batch,), device=device, dtype=torch.bool)
         for i in reversed(range(len(steps))):
-            step, x_next = steps[i], trajectory[i + 1]
-            first = extrapolate_up(x_next, step.sigma, below[:1]) if below else x_next
-            second = extrapolate_up(x_next, step.sigma, below[:2]) if len(below) >= 2 else first
-            start = torch.where(_per_item(second_order, x_next), second, first)
+            step = steps[i]
+            target = step.target(trajectory[i + 1], noises[i] if step.is_stochastic else None)  # at sigma_down
             evaluate = functools.partial(_denoise_at_step, denoise, i)
-            trajectory[i], denoised = _invert_two_stage(step, x_next, start, evaluate, solver, iterations)
-            if len(below) >= 2:
-                second_order = _distance(second, trajectory[i]) < _distance(first, trajectory[i])
+            if step.is_stochastic:
+                # dpm_2_ancestral: target sits at sigma_down, below sigma_next, where the prediction below was made;
+                # an Euler step up from it with that prediction's eps (as invert does for euler_ancestral; holding D
+                # instead multiplies the noise in target - D by sigma / sigma_down, and measured it diverged)
+                eps_below = (trajectory[i + 1] - below[0][1]) / below[0][0] if below else None
+                start = target - eps_below * step.dt if below else target
+                trajectory[i], denoised = _invert_two_stage(step, target, start, evaluate, solver, iterations, regularizers[i])
+            else:
+                first = extrapolate_up(target, step.sigma, below[:1]) if below else target
+                second = extrapolate_up(target, step.sigma, below[:2]) if len(below) >= 2 else first
+                start = torch.where(_per_item(second_order, target), second, first)
+                trajectory[i], denoised = _invert_two_stage(step, target, start, evaluate, solver, iterations, regularizers[i])
+                if len(below) >= 2:
+                    second_order = _distance(second, trajectory[i]) < _distance(first, trajectory[i])
             below = [(step.sigma, denoised)] + below[:1]
     else:
         # The first sweep (bottom up): D_prev predicted from below (extrapolated from the prediction at the lower
@@ -633,12 +700,15 @@ def invert_multistep(
             start = torch.stack(trajectory[:-1], 1) / scale
             solved = sweep_solver(lambda units: sweep(units * scale) / scale, start, sweeps - 1) * scale
             trajectory = list(solved.unbind(1)) + [x0]
-        if noise_correction is not None:
-            _correct_noises(steps, trajectory, noises, noise_correction, denoise)
+    if noise_correction is not None:
+        _correct_noises(steps, trajectory, noises, noise_correction, denoise)
 
     latent = trajectory[0]
     if not bool(torch.isfinite(latent).all()):
-        raise FloatingPointError(f"the {sampler} inversion diverged (NaN or Inf); lower the iterations or use euler")
+        remedy = "lower the iterations or use euler"
+        if edit is not None:
+            remedy = "lower the edit-loss weights (lambda_ac, lambda_kl) or disconnect them"
+        raise FloatingPointError(f"the {sampler} inversion diverged (NaN or Inf); {remedy}")
     empty = torch.zeros((0, batch))
     diagnostics = tuple(
         StepDiagnostics(s.sigma, s.sigma_next, calls[i], calls[i], empty, empty) for i, s in enumerate(steps)
@@ -772,34 +842,54 @@ def _distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _invert_two_stage(
-    step: TwoStageStep, x_next: Tensor, start: Tensor, denoise, solver: Solver, iterations: int
+    step: TwoStageStep, target: Tensor, start: Tensor, denoise, solver: Solver, iterations: int,
+    regularizer: _EditLossRegularizer | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The fixed point ``x = x_next - increment(x)`` of one heun / dpm_2 step, from ``start``.
+    """The fixed point ``x = target - increment(x)`` of one heun / dpm_2 / dpm_2_ancestral step
+    (:meth:`TwoStageStep.target`), from ``start``. With edit losses the step's effective noise prediction
+    ``increment / dt`` (heun: the mean of its two; dpm_2: the midpoint's) is what they regularise:
+    ``x = target - dt R(increment(x) / dt)``; the first stage's call carries the reference prediction.
 
     Returns ``(x, D(x', sigma))`` with ``x'`` the last point the solver evaluated (the prediction the next step's
     start extrapolates from)."""
     last = {}
+    first_stage = denoise if regularizer is None else regularizer.evaluate
 
     def derivative(z: Tensor, sigma: float) -> Tensor:
         return (z - denoise(z, sigma)) / sigma
 
     def map_fn(z: Tensor) -> Tensor:
-        last["denoised"] = denoise(z, step.sigma)
-        return x_next - step.increment(z, (z - last["denoised"]) / step.sigma, derivative)
+        last["denoised"] = first_stage(z, step.sigma)
+        increment = step.increment(z, (z - last["denoised"]) / step.sigma, derivative)
+        if regularizer is not None:
+            increment = regularizer(increment / step.dt) * step.dt
+        return target - increment
 
     return solver(map_fn, start, iterations), last["denoised"]
 
 
-def _correct_noises(steps: list[MultistepStep], trajectory: list[Tensor], noises: Tensor, config: NoiseCorrectionConfig, denoise) -> None:
+def _correct_noises(steps: list, trajectory: list[Tensor], noises: Tensor, config: NoiseCorrectionConfig, denoise) -> None:
     """Forward along the inverted trajectory, moving each stochastic step's noise (in place in ``noises``, our copy)
-    toward the one that lands the forward point on ``trajectory[i + 1]``. One model call per step up to the last
-    stochastic one."""
+    toward the one that lands the forward point on ``trajectory[i + 1]``. The step's own model calls (one, two for a
+    two-stage step) up to the last stochastic one."""
     x, previous = trajectory[0], None
     for i in range(_last_stochastic(steps) + 1):
         step = steps[i]
+        if isinstance(step, TwoStageStep):
+            derivative = functools.partial(_derivative, functools.partial(_denoise_at_step, denoise, i))
+            landed = step.forward(x, derivative(x, step.sigma), derivative, torch.zeros_like(x) if step.is_stochastic else None)
+            if step.is_stochastic:
+                noises[i] = correct_noise(noises[i], (trajectory[i + 1] - landed) / step.noise_coeff, config)
+                landed = landed + noises[i] * step.noise_coeff
+            x = landed
+            continue
         denoised = denoise(x, step.sigma, i)
         if step.is_stochastic:
             required = step.required_noise(x, trajectory[i + 1], denoised, previous)
             noises[i] = correct_noise(noises[i], required, config)
         x = step.forward(x, denoised, previous, noises[i] if step.is_stochastic else None)
         previous = denoised
+
+
+def _derivative(denoise, z: Tensor, sigma: float) -> Tensor:
+    return (z - denoise(z, sigma)) / sigma

@@ -76,10 +76,11 @@ def sampler_table(model, sigmas: Tensor | None = None, quick: bool = False) -> l
     for sweeps in (1,) if quick else (1, 2):
         setting = f"fixed_point iterations=1 sweeps={sweeps} sweep_iterations=2"
         rows.append(_row(model, x0, sigmas, "res_multistep", setting, iterations=1, sweeps=sweeps, sweep_iterations=2))
-    for sampler in ("dpmpp_2m_sde",) if quick else ("dpmpp_2m_sde", "res_multistep_ancestral"):
+    for sampler in ("dpmpp_2m_sde",) if quick else ("dpmpp_2m_sde", "res_multistep_ancestral", "dpm_2_ancestral"):
+        sweeping = sampler != "dpm_2_ancestral"
         for mode in (None, "optimize", "exact"):
             correction = NoiseCorrectionConfig(mode) if mode else None
-            setting = f"iterations=1 sweeps=2 sweep_iterations=2 noise_correction={mode}"
+            setting = f"iterations=1{' sweeps=2 sweep_iterations=2' if sweeping else ''} noise_correction={mode}"
             rows.append(_row(model, x0, sigmas, sampler, setting, sweeps=2, sweep_iterations=2, noise_correction=correction))
     return rows
 

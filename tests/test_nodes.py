@@ -80,8 +80,9 @@ def test_invert_input_names_are_the_public_contract():
     spec = NODES["ReNoiseInvert"].INPUT_TYPES()
     assert list(spec["required"]) == ["model", "positive", "negative", "latent_image", "sampler_name", "scheduler", "steps",
                                       "denoise", "cfg", "renoise_steps", "seed"]
-    assert spec["required"]["sampler_name"][0] == ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2", "dpmpp_2m",
-                                                   "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep", "res_multistep_ancestral"]
+    assert spec["required"]["sampler_name"][0] == ["euler_ancestral", "euler", "ddim", "lcm", "ddpm", "heun", "dpm_2",
+                                                   "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
+                                                   "res_multistep", "res_multistep_ancestral"]
     assert spec["required"]["steps"][1]["default"] == 4 and spec["required"]["renoise_steps"][1]["default"] == 9
     assert spec["required"]["denoise"][1]["default"] == 1.0 and spec["required"]["cfg"][1]["default"] == 1.0
     assert list(spec["optional"]) == ["solver", "edit_loss", "noise_correction", "sigmas", "eta", "s_noise"]
@@ -262,14 +263,15 @@ def test_solver_node_and_default(graph):
     assert default_inversion.settings["solver"]["method"] == "anderson"
     assert default_inversion.settings == accelerated_inversion.settings != paper_inversion.settings
     assert default_inversion.denoiser_calls == paper_inversion.denoiser_calls == 12  # K = 2: 3 calls on each of 4 steps
-    for stochastic in ("euler_ancestral", "lcm", "ddpm", "dpmpp_2m_sde", "res_multistep_ancestral"):  # unconnected: plain
+    # unconnected: the paper's loop
+    for stochastic in ("euler_ancestral", "lcm", "ddpm", "dpm_2_ancestral", "dpmpp_2m_sde", "res_multistep_ancestral"):
         _, inversion, _ = invert(graph, sampler_name=stochastic, renoise_steps=1)
         assert inversion.settings["solver"] == dataclasses.asdict(SolverSettings(method="fixed_point")), stochastic
     for deterministic in ("heun", "dpmpp_2m", "res_multistep"):
         _, inversion, _ = invert(graph, sampler_name=deterministic, scheduler="karras", renoise_steps=0)
         assert inversion.settings["solver"]["method"] == "anderson", deterministic
     tooltip = NODES["ReNoiseInvert"].INPUT_TYPES()["optional"]["solver"][1]["tooltip"]
-    assert "the paper's loop for euler_ancestral, lcm, ddpm, dpmpp_2m_sde* and res_multistep_ancestral" in tooltip
+    assert "the paper's loop for euler_ancestral, lcm, ddpm, dpm_2_ancestral, dpmpp_2m_sde* and res_multistep_ancestral" in tooltip
     with pytest.raises(ValueError, match="method must be one of"):
         NODES["ReNoiseSolver"]().build("newton", 3, 8, 250, 4, 0, 0.0)
     with pytest.raises(ValueError, match="takes a ReNoiseSolver node"):
@@ -354,10 +356,11 @@ def test_edit_friendly_node_refusals(graph):
                                       "denoise", "cfg", "skip", "seed"]
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "res_multistep", "res_multistep_ancestral"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "res_multistep",
+                                     "res_multistep_ancestral"])
 def test_second_order_and_multistep_samplers_reconstruct_through_the_nodes(graph, sampler):
     (nc,) = NODES["NoiseCorrection"]().build("exact", 10, 1.8)
-    stochastic = sampler in ("dpmpp_2m_sde", "res_multistep_ancestral")
+    stochastic = sampler in ("dpm_2_ancestral", "dpmpp_2m_sde", "res_multistep_ancestral")
     latent, inversion, sigmas = invert(graph, sampler_name=sampler, scheduler="karras", steps=20, renoise_steps=1,
                                        noise_correction=nc if stochastic else None)
     assert inversion.sampler_name == sampler and fake_comfy.Progress.log[-1] == (inversion.denoiser_calls,) * 2
@@ -365,19 +368,13 @@ def test_second_order_and_multistep_samplers_reconstruct_through_the_nodes(graph
     assert psnr(out["samples"] * fake_comfy.LATENT_SCALE, graph["x0"]).min() > 35  # euler here: 39 dB
 
 
-@pytest.mark.parametrize("sampler", ["heun", "dpm_2"])
-def test_two_stage_samplers_refuse_edit_losses(graph, sampler):
-    (edit,) = NODES["EditLossConfig"]().build(20.0, 20.0, 4, 5, 4)
-    with pytest.raises(ValueError, match=f"not supported with {sampler}.*disconnect edit_loss"):
-        invert(graph, sampler_name=sampler, edit_loss=edit)
-
-
-def test_stochastic_multistep_inversion_takes_edit_losses(graph):
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_sde", "dpm_2_ancestral"])
+def test_stochastic_multistep_inversion_takes_edit_losses(graph, sampler):
     """The reference prediction rides along in each step's first call: the calls are those planned without edit
     losses; the inversion is a different one."""
     (edit,) = NODES["EditLossConfig"]().build(20.0, 0.065, 4, 5, 4)
     (nc,) = NODES["NoiseCorrection"]().build("optimize", 10, 1.8)
-    settings = dict(sampler_name="dpmpp_2m_sde", scheduler="karras", steps=10, renoise_steps=1, noise_correction=nc)
+    settings = dict(sampler_name=sampler, scheduler="karras", steps=10, renoise_steps=1, noise_correction=nc)
     latent, inversion, _ = invert(graph, edit_loss=edit, **settings)
     plain_latent, plain, _ = invert(graph, **settings)
     assert inversion.denoiser_calls == plain.denoiser_calls and fake_comfy.Progress.log[-1] == (plain.denoiser_calls,) * 2

@@ -1109,8 +1109,8 @@ def scenario_cancel_reference(workdir: Path) -> dict:
 
 
 def forward_mismatches() -> dict:
-    """ComfyUI's own k-diffusion functions (heun, dpm_2, dpmpp_2m, dpmpp_2m_sde(_heun), res_multistep(_ancestral))
-    against the core's forward
+    """ComfyUI's own k-diffusion functions (heun, dpm_2(_ancestral), dpmpp_2m, dpmpp_2m_sde(_heun),
+    res_multistep(_ancestral)) against the core's forward
     pass on the analytic model, eps (karras) and flow (CONST): the largest difference relative to the output's scale."""
     import types
 
@@ -1128,8 +1128,9 @@ def forward_mismatches() -> dict:
         sampling = kind.__new__(kind)  # only its class is read (sigma_to_half_log_snr)
         patcher = types.SimpleNamespace(get_model_object=lambda name, sampling=sampling: sampling)
 
-        class Model:  # what a k-diffusion sampler function receives: model(x, sigma) and model.inner_model.model_patcher
-            inner_model = types.SimpleNamespace(model_patcher=patcher)
+        class Model:  # what a k-diffusion sampler function receives: model(x, sigma), model.inner_model.model_patcher
+            # and model.inner_model.inner_model.model_sampling (whose class picks the _RF variants)
+            inner_model = types.SimpleNamespace(model_patcher=patcher, inner_model=types.SimpleNamespace(model_sampling=sampling))
 
             def __call__(self, x, sigma, denoiser=denoiser, **extra):
                 return denoiser(x, sigma)
@@ -1142,8 +1143,9 @@ def forward_mismatches() -> dict:
         def noise_sampler(sigma, sigma_next, stored=stored, noises=noises):
             return noises[min(range(len(stored)), key=lambda i: abs(stored[i] - float(sigma)))]
 
-        for name in ("heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep", "res_multistep_ancestral"):
-            extra = {"noise_sampler": noise_sampler} if "sde" in name or name.startswith("res_multistep") else {}
+        for name in ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "res_multistep",
+                     "res_multistep_ancestral"):
+            extra = {"noise_sampler": noise_sampler} if "sde" in name or "ancestral" in name or name == "res_multistep" else {}
             stock = getattr(k_sampling, "sample_" + name)(Model(), x.clone(), sigmas, disable=True, **extra)
             ours = sample_multistep(denoiser, x, sigmas, name, noises=noises, parameterization=parameterization)
             mismatches[f"{parameterization}_{name}"] = ((stock - ours).abs().max() / stock.abs().max()).item()
@@ -1163,6 +1165,7 @@ MULTISTEP_EDITS = {
     "dpmpp_2m_sde_optimize_edit_loss": dict(sampler="dpmpp_2m_sde", renoise_steps=1, noise_correction="optimize", edit_loss=True),
     "res_multistep_ancestral_optimize_edit_loss": dict(sampler="res_multistep_ancestral", renoise_steps=1, noise_correction="optimize",
                                                        edit_loss=True),
+    "dpm_2_ancestral_optimize_edit_loss": dict(sampler="dpm_2_ancestral", renoise_steps=0, noise_correction="optimize", edit_loss=True),
 }
 
 
@@ -1180,6 +1183,9 @@ def scenario_samplers(workdir: Path) -> dict:
         "dpmpp_2m_sde_exact": dict(sampler="dpmpp_2m_sde", renoise_steps=1, noise_correction="exact"),
         "dpmpp_2m_sde_optimize": dict(sampler="dpmpp_2m_sde", renoise_steps=1, noise_correction="optimize"),
         "dpmpp_2m_sde_none": dict(sampler="dpmpp_2m_sde", renoise_steps=1),
+        "dpm_2_ancestral_exact": dict(sampler="dpm_2_ancestral", renoise_steps=0, noise_correction="exact"),
+        "dpm_2_ancestral_optimize": dict(sampler="dpm_2_ancestral", renoise_steps=0, noise_correction="optimize"),
+        "dpm_2_ancestral_none": dict(sampler="dpm_2_ancestral", renoise_steps=0),
         "heun_k1_ksampleradvanced": dict(sampler="heun", renoise_steps=1, continue_with="ksampleradvanced"),
         "dpmpp_2m_k1_ksampleradvanced": dict(sampler="dpmpp_2m", renoise_steps=1, continue_with="ksampleradvanced"),
         "res_multistep_k1": dict(sampler="res_multistep", renoise_steps=1),

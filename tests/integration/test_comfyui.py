@@ -248,7 +248,7 @@ def samplers(tmp_path_factory) -> dict:
 
 def test_stock_second_order_and_multistep_samplers_match_the_core(samplers):
     mismatches = samplers["forward_mismatch"]
-    assert len(mismatches) == 14
+    assert len(mismatches) == 16
     assert all(value < 1e-5 for value in mismatches.values()), mismatches
 
 
@@ -259,7 +259,7 @@ def test_second_order_and_multistep_inversions_reconstruct_with_the_stock_sample
     assert ok(samplers["euler_k1_anderson"])["psnr"] > euler
     for name in ("heun_k1", "dpm_2_k1", "dpmpp_2m_k1", "res_multistep_k1"):
         assert ok(samplers[name])["psnr"] > max(40.0, euler - 0.5), (name, samplers[name]["psnr"], euler)
-    for name in ("dpmpp_2m_sde", "res_multistep_ancestral"):
+    for name in ("dpmpp_2m_sde", "res_multistep_ancestral", "dpm_2_ancestral"):
         assert ok(samplers[f"{name}_exact"])["psnr"] > 60.0
         assert ok(samplers[f"{name}_optimize"])["psnr"] > ok(samplers[f"{name}_none"])["psnr"]
     for name in ("heun", "dpmpp_2m", "res_multistep"):
@@ -268,7 +268,8 @@ def test_second_order_and_multistep_inversions_reconstruct_with_the_stock_sample
 
 
 @pytest.mark.parametrize("name", ["heun_k0", "dpm_2_k0", "dpmpp_2m_k0", "dpmpp_2m_k0_ksampleradvanced", "res_multistep_k0",
-                                  "dpmpp_2m_sde_optimize_edit_loss", "res_multistep_ancestral_optimize_edit_loss"])
+                                  "dpmpp_2m_sde_optimize_edit_loss", "res_multistep_ancestral_optimize_edit_loss",
+                                  "dpm_2_ancestral_optimize_edit_loss"])
 def test_a_new_prompt_edits_a_multistep_inversion(samplers, name):
     """Inverted as class 3 on the boxed model and sampled by the stock sampler: with class 3 the result is nearer
     class 3's mean than class 9's, with class 9 (cfg 4) nearer class 9's."""
