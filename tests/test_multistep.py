@@ -235,33 +235,20 @@ def test_reconstruction_at_20_karras_steps(model, photo, sampler):
     assert psnr(reconstruction, photo).min() > 40
 
 
-def test_dpm_2_ancestral_noise_correction(model, photo):
-    """Its noise enters after both evaluations: exact noise correction reconstructs to float rounding, optimize is
-    better than none."""
+@pytest.mark.parametrize("sampler, iterations, exact_db, optimize_gain", [("dpmpp_2m_sde", 2, 60, 0), ("dpm_2_ancestral", 1, 100, 10)])
+def test_stochastic_noise_correction(model, photo, sampler, iterations, exact_db, optimize_gain):
+    """The noise enters each step linearly (dpm_2_ancestral: after both evaluations): exact noise correction
+    reconstructs far better than without, optimize better than none; the calls are as planned."""
     denoiser = model.denoiser(CLASSES)
     sigmas = karras_schedule(20)
     results = {}
     for mode in (None, "optimize", "exact"):
         correction = NoiseCorrectionConfig(mode) if mode else None
-        inversion = invert_multistep(denoiser, photo, sigmas, "dpm_2_ancestral", iterations=1, seed=3, noise_correction=correction)
-        assert inversion.denoiser_calls == planned_multistep_calls(sigmas, "dpm_2_ancestral", iterations=1, noise_correction=correction)
-        reconstruction = sample_multistep(denoiser, inversion.latent, sigmas, "dpm_2_ancestral", noises=inversion.noises)
+        inversion = invert_multistep(denoiser, photo, sigmas, sampler, iterations=iterations, seed=3, noise_correction=correction)
+        assert inversion.denoiser_calls == planned_multistep_calls(sigmas, sampler, iterations=iterations, noise_correction=correction)
+        reconstruction = sample_multistep(denoiser, inversion.latent, sigmas, sampler, noises=inversion.noises)
         results[mode] = psnr(reconstruction, photo).min().item()
-    assert results["exact"] > 100 and results["optimize"] > results[None] + 10, results
-
-
-def test_dpmpp_2m_sde_noise_correction(model, photo):
-    denoiser = model.denoiser(CLASSES)
-    sigmas = karras_schedule(20)
-    results = {}
-    for mode in (None, "optimize", "exact"):
-        correction = NoiseCorrectionConfig(mode) if mode else None
-        inversion = invert_multistep(denoiser, photo, sigmas, "dpmpp_2m_sde", iterations=2, seed=3, noise_correction=correction)
-        assert inversion.denoiser_calls == planned_multistep_calls(sigmas, "dpmpp_2m_sde", iterations=2, noise_correction=correction)
-        reconstruction = sample_multistep(denoiser, inversion.latent, sigmas, "dpmpp_2m_sde", noises=inversion.noises)
-        results[mode] = psnr(reconstruction, photo).min().item()
-    assert results["exact"] > 60
-    assert results["optimize"] > results[None]
+    assert results["exact"] > exact_db and results["optimize"] > results[None] + optimize_gain, results
 
 
 def test_inputs_are_not_modified_and_seeded(model, photo):
