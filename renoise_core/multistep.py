@@ -145,11 +145,14 @@ class TwoStageStep:
             return d_second * self.dt
         return (d_first * self.w_first + d_second * self.w_second) * self.dt
 
+    def deterministic(self, x: Tensor, d_first: Tensor, derivative: Callable[[Tensor, float], Tensor]) -> Tensor:
+        """The step from ``x`` (``d_first = d(x, sigma)``) without its noise: ``scale (x + increment(x))``."""
+        x_next = x + self.increment(x, d_first, derivative)
+        return x_next * self.scale if self.scale != 1.0 else x_next
+
     def forward(self, x: Tensor, d_first: Tensor, derivative: Callable[[Tensor, float], Tensor], noise: Tensor | None) -> Tensor:
         """The sampler's own step from ``x`` (``d_first = d(x, sigma)``), adding ``noise`` where it is stochastic."""
-        x_next = x + self.increment(x, d_first, derivative)
-        if self.scale != 1.0:
-            x_next = x_next * self.scale
+        x_next = self.deterministic(x, d_first, derivative)
         if self.is_stochastic:
             if noise is None:
                 raise ValueError(f"step {self.sigma:g} -> {self.sigma_next:g} is stochastic and needs a noise")
@@ -566,15 +569,16 @@ def invert_multistep(
     keep_trajectory: bool = False,
     callback: Callable[[int], None] | None = None,
 ) -> Inversion:
-    """Invert ``x0`` (the latent at ``sigmas[-1]``) up to ``sigmas[0]`` for heun, dpm_2, dpmpp_2m, dpmpp_2m_sde(_heun),
-    res_multistep(_ancestral).
+    """Invert ``x0`` (the latent at ``sigmas[-1]``) up to ``sigmas[0]`` for heun, dpm_2(_ancestral), dpmpp_2m,
+    dpmpp_2m_sde(_heun), res_multistep(_ancestral).
 
-    iterations: map evaluations per step (first sweep); a heun/dpm_2 evaluation costs 2 model calls.
+    iterations: map evaluations per step (first sweep); a heun/dpm_2* evaluation costs 2 model calls.
     sweeps: trajectory sweeps for samplers whose step uses the previous prediction (dpmpp_2m*); ignored otherwise.
     sweep_iterations: map evaluations per step in sweeps after the first (default: ``iterations``); each starts
         from the previous sweep's point.
-    noise_correction: for dpmpp_2m_sde: after the sweeps, one forward pass along the inverted trajectory corrects
-        each stored noise toward the one that lands on the trajectory's next point (one model call per step).
+    noise_correction: for the stochastic samplers: after the inversion, one forward pass along the inverted
+        trajectory corrects each stored noise toward the one that lands on the trajectory's next point (the step's
+        own model calls: one, two for dpm_2_ancestral).
     edit_loss: the editability regularisation of each step's noise prediction inside its fixed-point map, as
         :func:`renoise_core.inversion.invert` makes it (the reference prediction rides along in the step's first
         model call as a doubled batch; one set of pair-loss shifts per step, so each map is a fixed function).
@@ -640,20 +644,20 @@ def invert_multistep(
             step = steps[i]
             target = step.target(trajectory[i + 1], noises[i] if step.is_stochastic else None)  # at sigma_down
             evaluate = functools.partial(_denoise_at_step, denoise, i)
-            if step.is_stochastic:
+            first = second = target
+            if below and step.is_stochastic:
                 # dpm_2_ancestral: target sits at sigma_down, below sigma_next, where the prediction below was made;
                 # an Euler step up from it with that prediction's eps (as invert does for euler_ancestral; holding D
                 # instead multiplies the noise in target - D by sigma / sigma_down, and measured it diverged)
-                eps_below = (trajectory[i + 1] - below[0][1]) / below[0][0] if below else None
-                start = target - eps_below * step.dt if below else target
-                trajectory[i], denoised = _invert_two_stage(step, target, start, evaluate, solver, iterations, regularizers[i])
-            else:
-                first = extrapolate_up(target, step.sigma, below[:1]) if below else target
-                second = extrapolate_up(target, step.sigma, below[:2]) if len(below) >= 2 else first
-                start = torch.where(_per_item(second_order, target), second, first)
-                trajectory[i], denoised = _invert_two_stage(step, target, start, evaluate, solver, iterations, regularizers[i])
+                first = second = target - (trajectory[i + 1] - below[0][1]) / below[0][0] * step.dt
+            elif below:
+                first = second = extrapolate_up(target, step.sigma, below[:1])
                 if len(below) >= 2:
-                    second_order = _distance(second, trajectory[i]) < _distance(first, trajectory[i])
+                    second = extrapolate_up(target, step.sigma, below[:2])
+            start = torch.where(_per_item(second_order, target), second, first)
+            trajectory[i], denoised = _invert_two_stage(step, target, start, evaluate, solver, iterations, regularizers[i])
+            if len(below) >= 2 and not step.is_stochastic:
+                second_order = _distance(second, trajectory[i]) < _distance(first, trajectory[i])
             below = [(step.sigma, denoised)] + below[:1]
     else:
         # The first sweep (bottom up): D_prev predicted from below (extrapolated from the prediction at the lower
@@ -854,9 +858,7 @@ def _invert_two_stage(
     start extrapolates from)."""
     last = {}
     first_stage = denoise if regularizer is None else regularizer.evaluate
-
-    def derivative(z: Tensor, sigma: float) -> Tensor:
-        return (z - denoise(z, sigma)) / sigma
+    derivative = functools.partial(_derivative, denoise)
 
     def map_fn(z: Tensor) -> Tensor:
         last["denoised"] = first_stage(z, step.sigma)
@@ -877,7 +879,7 @@ def _correct_noises(steps: list, trajectory: list[Tensor], noises: Tensor, confi
         step = steps[i]
         if isinstance(step, TwoStageStep):
             derivative = functools.partial(_derivative, functools.partial(_denoise_at_step, denoise, i))
-            landed = step.forward(x, derivative(x, step.sigma), derivative, torch.zeros_like(x) if step.is_stochastic else None)
+            landed = step.deterministic(x, derivative(x, step.sigma), derivative)
             if step.is_stochastic:
                 noises[i] = correct_noise(noises[i], (trajectory[i + 1] - landed) / step.noise_coeff, config)
                 landed = landed + noises[i] * step.noise_coeff
