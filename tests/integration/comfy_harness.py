@@ -419,8 +419,8 @@ def scenario_analytic(workdir: Path) -> dict:
 
 def edit_3_to_9(graph: dict, edit_cfg: float | None = None) -> dict:
     """Editing: invert class 3 with ``graph`` (analytic_graph's settings), sample it back with class 3 and with
-    class 9 (at ``edit_cfg``, default the graph's cfg). The result carries the distances of both to class 9's mean
-    (an edit moves toward it)."""
+    class 9 (at ``edit_cfg``, default the graph's cfg). The result carries the distances of both to class 9's and to
+    class 3's mean (an edit moves toward the first and away from the second)."""
     CAPTURED.clear()
     result = run_prompt(analytic_graph(**graph))
     reconstruction = CAPTURED.get("reconstruction")
